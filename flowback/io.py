@@ -19,8 +19,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .errors import FlowBackError
 
-class FlowBackFileError(RuntimeError):
+
+class FlowBackFileError(FlowBackError):
     """A file FlowBack reads is missing, truncated or not what it should be; the message names the file."""
 
 

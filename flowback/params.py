@@ -19,8 +19,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import FlowBackError
 
-class ParamsError(ValueError):
+
+class ParamsError(FlowBackError, ValueError):
     """params.yaml is invalid; the message names every offending key by its path."""
 
 
@@ -251,6 +253,10 @@ class Params(Strict):
         if self.model.latent is None and size % self.model.patch_size:
             raise ValueError(f"data.image_size {size} is not a multiple of model.patch_size {self.model.patch_size}")
         return self
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.results)
 
     def run_dir(self, experiment: str) -> Path:
         return Path(self.results) / "runs" / experiment

@@ -1,0 +1,8 @@
+"""The base of every error FlowBack raises for bad input (files, params, diverging runs).
+
+Stages print these as one clear line and exit non-zero; anything else is a bug and keeps its traceback.
+"""
+
+
+class FlowBackError(Exception):
+    """An error caused by the input or the run, with a message that says what to fix."""
