@@ -1,0 +1,88 @@
+"""FID, sFID, IS and precision/recall from features, computed the ADM-suite way.
+
+Features come from one pass of a feature network (`extract_features`); any network with a
+`features(x_u8) -> {"pool", "logits", "spatial"}` method works (DigitNet now, an Inception wrapper later).
+- FID / sFID: Fréchet distance of float64 Gaussian statistics of "pool" / "spatial" (our `frechet_distance`).
+- IS: torch-fidelity's `isc_features_to_metric` on "logits" with shuffle=False, i.e. ADM's in-order splits.
+- Precision / recall: torch-fidelity's `prc_features_to_metric` on "pool" with k = `prc_neighborhood` (ADM: 3);
+  convention: the first argument is the generated set, the second the reference (real) set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+from tqdm import tqdm
+
+from .digitnet import load_digitnet
+from .frechet import frechet_distance, gaussian_stats
+
+FEATURE_KEYS = ("pool", "logits", "spatial")
+
+
+def load_feature_network(network: str, directory: str | Path) -> nn.Module:
+    """The metric network named by `params.metrics.network`, loaded from `directory`."""
+    if network == "digitnet":
+        return load_digitnet(directory)
+    if network == "inception":
+        # Hook for the paper profiles: torch-fidelity's "inception-v3-compat" loaded from a local, hash-checked file
+        # in `directory`, with pool_3 -> "pool", logits_unbiased -> "logits", and Mixed_6d.branch1x1 (after BN+ReLU)
+        # channels-last, first 7 channels, flattened -> "spatial" (17*17*7 = 2023 dims).
+        raise NotImplementedError("metrics.network 'inception' is not implemented yet; use 'digitnet'")
+    raise ValueError(f"unknown metric network {network!r}")
+
+
+@torch.no_grad()
+def extract_features(net: nn.Module, images_u8_nchw: np.ndarray | torch.Tensor, batch_size: int,
+                     device: str | torch.device = "cpu", show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """One pass over uint8 NCHW images -> {"pool", "logits", "spatial"}: float32 CPU tensors, in input order."""
+    images = torch.as_tensor(images_u8_nchw)
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"expected uint8 NCHW images, got {images.dtype} {tuple(images.shape)}")
+    net = net.eval().to(device)
+    parts: dict[str, list[torch.Tensor]] = {}
+    with tqdm(total=len(images), desc="features", unit="img", disable=not show_progress, leave=False) as bar:
+        for i in range(0, len(images), batch_size):
+            feats = net.features(images[i:i + batch_size].to(device))
+            for k, v in feats.items():
+                parts.setdefault(k, []).append(v.float().cpu())
+            bar.update(min(batch_size, len(images) - i))
+    if not parts:
+        raise ValueError("no images to extract features from")
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _check(feats: dict, name: str, keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in feats]
+    if missing:
+        raise KeyError(f"{name} features lack {missing}; have {sorted(feats)}")
+
+
+def generative_metrics(sample_feats: dict, ref_feats: dict, isc_splits: int = 10, prc_neighborhood: int = 3,
+                       prc_batch_size: int = 10000) -> dict[str, float]:
+    """{"fid", "sfid", "is", "is_std", "precision", "recall"} of samples against the reference set."""
+    _check(sample_feats, "sample", FEATURE_KEYS)
+    _check(ref_feats, "reference", ("pool", "spatial"))
+    logits = torch.as_tensor(sample_feats["logits"])
+    if logits.shape[0] < isc_splits:
+        raise ValueError(f"IS needs at least isc_splits={isc_splits} samples, got {logits.shape[0]}")
+    fid = frechet_distance(*gaussian_stats(sample_feats["pool"]), *gaussian_stats(ref_feats["pool"]))
+    sfid = frechet_distance(*gaussian_stats(sample_feats["spatial"]), *gaussian_stats(ref_feats["spatial"]))
+    isc = isc_features_to_metric(logits, splits=isc_splits, shuffle=False)
+    prc = prc_features_to_metric(
+        torch.as_tensor(sample_feats["pool"]).float(), torch.as_tensor(ref_feats["pool"]).float(),
+        prc_neighborhood=prc_neighborhood, prc_batch_size=prc_batch_size, save_cpu_ram=True, verbose=False,
+    )
+    return {
+        "fid": float(fid),
+        "sfid": float(sfid),
+        "is": float(isc[KEY_METRIC_ISC_MEAN]),
+        "is_std": float(isc[KEY_METRIC_ISC_STD]),
+        "precision": float(prc[KEY_METRIC_PRECISION]),
+        "recall": float(prc[KEY_METRIC_RECALL]),
+    }

@@ -1,0 +1,63 @@
+"""Stage `metricnet`: train the default profile's metric feature network (DigitNet) on the real training images.
+
+    python -m stages.metricnet [--params params.yaml] [--quiet]
+
+Writes `{metrics.dir}/model.safetensors`, `config.json` and `metrics.json` {"train_acc", "val_acc", "steps",
+"seconds"}. Profiles whose metric network is fetched rather than trained (metrics.train: null) must not run it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flowback.io import save_json
+from flowback.metrics.digitnet import accuracy, save_digitnet, train_digitnet
+from flowback.params import ParamsError, TrainSpec
+from flowback.stage import run_stage
+
+REPORT_FILE = "metrics.json"
+
+
+def load_splits(data_dir: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((train images, labels), (val images, labels)) from the data stage's shards."""
+    from flowback.data.shards import read_split
+
+    return read_split(data_dir, "train"), read_split(data_dir, "val")
+
+
+def train_metricnet(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], spec: TrainSpec,
+                    num_classes: int, directory: str | Path, show_progress: bool = True) -> dict:
+    """Train, save to `directory`, and write the accuracy report there; returns the report."""
+    start = time.perf_counter()
+    net = train_digitnet(train[0], train[1], steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
+                         seed=spec.seed, show_progress=show_progress, num_classes=num_classes)
+    seconds = time.perf_counter() - start
+    save_digitnet(net, directory)
+    report = {"train_acc": accuracy(net, *train), "val_acc": accuracy(net, *val), "steps": spec.steps,
+              "seconds": round(seconds, 3)}
+    save_json(Path(directory) / REPORT_FILE, report)
+    return report
+
+
+def body(params, _exp, args) -> None:
+    m = params.metrics
+    if m.network != "digitnet" or m.train is None:
+        raise ParamsError(f"metrics: this profile does not train its metric network (network = {m.network!r}, "
+                          f"train = {m.train}); it must provide the network's weights in metrics.dir = {m.dir!r}, "
+                          f"and this stage must not run")
+    train, val = load_splits(params.data.dir)
+    report = train_metricnet(train, val, m.train, params.data.num_classes, m.dir, show_progress=not args.quiet)
+    print(f"metricnet: train_acc {report['train_acc']:.4f}  val_acc {report['val_acc']:.4f}  "
+          f"({report['steps']} steps, {report['seconds']:.1f} s) -> {m.dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Exits 2 with a one-line message (no traceback) on bad params or missing/damaged data files."""
+    run_stage("metricnet", body, argv)
+
+
+if __name__ == "__main__":
+    main()
