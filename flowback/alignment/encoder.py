@@ -41,8 +41,6 @@ class FrozenEncoder(nn.Module):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.cfg = cfg
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
         self.in_chans = int(getattr(net.patch_embed.proj, "in_channels", len(cfg.mean)))
         self.dim = int(net.num_features)
 
@@ -50,17 +48,7 @@ class FrozenEncoder(nn.Module):
         return super().train(False)  # stays frozen: no dropout, no norm-statistics updates
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float().clamp(-1, 1) + 1) / 2
-        if x.shape[1] != self.in_chans:
-            if x.shape[1] == 1:
-                x = x.expand(-1, self.in_chans, -1, -1)
-            else:
-                raise ValueError(f"encoder {self.cfg.arch} takes {self.in_chans} channels, images have {x.shape[1]}")
-        size = self.cfg.input_size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode=self.cfg.interpolation, align_corners=False,
-                              antialias=size < x.shape[-1])
-        return (x - self.mean) / self.std
+        return preprocess(x, self.cfg, self.in_chans)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,10 +61,30 @@ class FrozenEncoder(nn.Module):
         return tokens.reshape(B, g, g, E)
 
 
+def preprocess(x: torch.Tensor, cfg: EncoderConfig, in_chans: int) -> torch.Tensor:
+    """[-1, 1] images -> the encoder's input: [0, 1], channels matched, resized to input_size, normalised."""
+    x = (x.float().clamp(-1, 1) + 1) / 2
+    if x.shape[1] != in_chans:
+        if x.shape[1] != 1:
+            raise ValueError(f"encoder {cfg.arch} takes {in_chans} channels, images have {x.shape[1]}")
+        x = x.expand(-1, in_chans, -1, -1)
+    size = cfg.input_size
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode=cfg.interpolation, align_corners=False,
+                          antialias=size < x.shape[-1])
+    mean = torch.tensor(cfg.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
 def create_timm(cfg: EncoderConfig, weights: Path | None) -> nn.Module:
     import timm
 
-    overlay = {"file": str(weights)} if weights is not None else None
+    # custom_load=False: some timm configs expect their own .npz format; ours is a plain safetensors state dict
+    overlay = None
+    if weights is not None:
+        in_chans = cfg.kwargs.get("in_chans", 3)
+        overlay = {"file": str(weights), "custom_load": False, "input_size": (in_chans, cfg.input_size, cfg.input_size)}
     return timm.create_model(cfg.arch, pretrained=True, pretrained_cfg_overlay=overlay, **cfg.kwargs)
 
 
