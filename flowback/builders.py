@@ -1,0 +1,59 @@
+"""Turn validated params into library objects. The only place that knows both the params schema and the library."""
+
+from __future__ import annotations
+
+import torch
+
+from .alignment import AlignSpec, EncoderConfig
+from .models import FlowConfig, Guidance
+from .params import EncoderParams, Experiment, GuidanceParams, Params
+
+VAE_DOWNSAMPLE = 8  # stable-diffusion VAEs: 256 px -> 32 x 32 x 4 latents
+VAE_CHANNELS = 4
+
+
+def flow_config(params: Params) -> FlowConfig:
+    m, d = params.model, params.data
+    channels, size = d.channels, d.image_size
+    if m.latent is not None:
+        channels, size = VAE_CHANNELS, d.image_size // VAE_DOWNSAMPLE
+    return FlowConfig(
+        channels=channels,
+        image_size=size,
+        patch_size=m.patch_size,
+        width=m.width,
+        layers=tuple(m.layers_per_block()),
+        head_dim=m.head_dim,
+        mlp_ratio=m.mlp_ratio,
+        num_classes=d.num_classes,
+        pos_embed=m.pos_embed,
+        cond_blocks=m.cond_blocks,
+    )
+
+
+def align_spec(exp: Experiment) -> AlignSpec | None:
+    if exp.strategy == "none":
+        return None
+    return AlignSpec(exp.strategy, tuple(exp.positions))
+
+
+def guidance(g: GuidanceParams) -> Guidance:
+    return Guidance(g.method, g.weight, g.anneal)
+
+
+def encoder_config(e: EncoderParams) -> EncoderConfig:
+    return EncoderConfig(arch=e.arch, kwargs=dict(e.kwargs), input_size=e.input_size, mean=tuple(e.mean),
+                         std=tuple(e.std))
+
+
+def device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("params ask for device 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)

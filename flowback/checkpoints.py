@@ -1,0 +1,34 @@
+"""Flow checkpoints: a dict of plain types and tensors (loadable with weights_only=True), checked against params."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .io import FlowBackFileError, load_torch, save_torch
+from .models import FlowConfig, TARFlow
+
+
+def save_flow(path: str | Path, model: TARFlow, **meta: Any) -> None:
+    save_torch(path, {**model.state(), "meta": meta})
+
+
+def load_flow(path: str | Path, expected: FlowConfig | None = None, device: str = "cpu") -> tuple[TARFlow, dict]:
+    """Load a flow; if `expected` is given, a checkpoint of another configuration is an error naming the file."""
+    state = load_torch(path, map_location=device)
+    if not isinstance(state, dict) or "config" not in state or "weights" not in state:
+        raise FlowBackFileError(f"{path}: not a FlowBack flow checkpoint (no config/weights)")
+    try:
+        cfg = FlowConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as e:
+        raise FlowBackFileError(f"{path}: invalid model config in checkpoint ({e})") from e
+    if expected is not None and cfg != expected:
+        diff = {k: (v, getattr(expected, k)) for k, v in cfg.to_dict().items() if expected.to_dict()[k] != v}
+        raise FlowBackFileError(f"{path}: checkpoint is from another model configuration; "
+                                + ", ".join(f"{k}: checkpoint {a!r} vs params {b!r}" for k, (a, b) in diff.items()))
+    model = TARFlow(cfg)
+    try:
+        model.load_state_dict(state["weights"])
+    except RuntimeError as e:
+        raise FlowBackFileError(f"{path}: weights do not fit the model config ({e})") from e
+    return model.to(device).eval(), state.get("meta", {})

@@ -1,0 +1,54 @@
+"""Paper-style result tables from the metrics JSON files: pandas in, Markdown and CSV out.
+
+A cell whose experiment has not been run (or whose metric was not computed) is shown as an em dash and counted in
+the table's footnote; nothing is filled in or estimated.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+MISSING = "—"
+STRATEGY_NAMES = {"none": "TARFlow baseline", "forward": "Forward", "detach": "Detach", "reverse": "Reverse"}
+ABLATION_COLUMNS = [("fid", "FID", 2), ("sfid", "sFID", 2), ("is", "IS", 2), ("acc", "Acc. (%)", 2)]
+
+
+def position_label(position: str | None) -> str:
+    """'all' -> 'All blocks', '7&8' -> 'Block 7&8', '7&8 layer 6' -> 'Block 7&8, L6' (the paper's wording)."""
+    if position is None:
+        return "-"
+    m = re.match(r"^\s*(all|[\d&\s]+?)\s*(?:layer\s*(\d+))?\s*$", position, re.IGNORECASE)
+    if not m:
+        return position
+    blocks = "All blocks" if m[1].lower() == "all" else "Block " + m[1].replace(" ", "")
+    return blocks + (f", L{m[2]}" if m[2] else "")
+
+
+def ablation_frame(rows: list[dict]) -> pd.DataFrame:
+    """rows: {experiment, strategy, position, metrics (dict or None)} -> the ablation table (numbers, NaN = missing)."""
+    records = []
+    for r in rows:
+        m = r.get("metrics") or {}
+        rec = {"Experiment": r["experiment"], "Strategy": STRATEGY_NAMES[r["strategy"]],
+               "Alignment position": position_label(r["position"])}
+        for key, col, _ in ABLATION_COLUMNS:
+            value = m.get(key)
+            rec[col] = float(value) if value is not None else float("nan")
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def to_markdown(df: pd.DataFrame, title: str, note: str = "") -> str:
+    shown = df.copy()
+    for _, col, digits in ABLATION_COLUMNS:
+        if col in shown:
+            shown[col] = shown[col].map(lambda v, d=digits: MISSING if pd.isna(v) else f"{v:.{d}f}")
+    missing = int(df[[c for _, c, _ in ABLATION_COLUMNS if c in df]].isna().sum().sum())
+    lines = [f"# {title}", "", shown.to_markdown(index=False), ""]
+    if note:
+        lines += [note, ""]
+    if missing:
+        lines += [f"{MISSING}: not run or not computed ({missing} cells).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Stage `evaluate`: FID, sFID, IS, precision/recall of one experiment's samples and its classifier accuracy.
+
+Writes results/runs/<experiment>/metrics.json (tracked by DVC as metrics).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flowback.builders import device as pick_device, flow_config, set_threads
+from flowback.checkpoints import load_flow
+from flowback.data.images import nhwc_to_nchw
+from flowback.data.shards import read_split
+from flowback.io import FlowBackFileError, load_npz, save_json
+from flowback.metrics.classifier import classifier_accuracy
+from flowback.metrics.digitnet import load_digitnet
+from flowback.metrics.generative import extract_features, generative_metrics
+from flowback.stage import run_stage
+
+
+def load_samples(path, channels: int, size: int) -> np.ndarray:
+    data = load_npz(path)
+    if "arr_0" not in data:
+        raise FlowBackFileError(f"{path}: no arr_0 (ADM format: uint8 NHWC images in arr_0)")
+    x = data["arr_0"]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (size, size, channels):
+        raise FlowBackFileError(f"{path}: expected uint8 images of shape (N, {size}, {size}, {channels}), "
+                                f"got {x.dtype} {x.shape}")
+    return np.ascontiguousarray(nhwc_to_nchw(x))
+
+
+def body(params, exp, args):
+    p = exp.params
+    mp = p.metrics
+    set_threads(p.train.threads)
+    dev = pick_device(p.sample.device)
+    run_dir = params.run_dir(exp.name)
+    show = not args.quiet
+    if mp.network != "digitnet":
+        raise NotImplementedError("only the digitnet feature network is wired in so far")
+    net = load_digitnet(mp.dir).to(dev)
+    samples = load_samples(run_dir / "samples.npz", p.data.channels, p.data.image_size)
+    reference, _ = read_split(p.data.dir, mp.reference_split)
+    feats = extract_features(net, samples, mp.batch_size, device=dev, show_progress=show)
+    ref_feats = extract_features(net, reference, mp.batch_size, device=dev, show_progress=show)
+    metrics = generative_metrics(feats, ref_feats, isc_splits=mp.isc_splits, prc_neighborhood=mp.prc_neighborhood)
+
+    model, _ = load_flow(run_dir / "model.pt", expected=flow_config(p), device=dev)
+    images, labels = read_split(p.data.dir, mp.classifier_split)
+    metrics["acc"] = 100.0 * classifier_accuracy(model, images, labels, mp.classifier_batch_size, show_progress=show)
+    metrics.update(num_samples=int(len(samples)), reference=f"{p.data.dataset}/{mp.reference_split}",
+                   network=mp.network)
+    save_json(run_dir / "metrics.json", metrics)
+    print(f"{exp.name}: FID {metrics['fid']:.2f}  sFID {metrics['sfid']:.2f}  IS {metrics['is']:.2f}  "
+          f"P {metrics['precision']:.3f}  R {metrics['recall']:.3f}  Acc {metrics['acc']:.2f}%")
+
+
+def main(argv=None):
+    run_stage("evaluate", body, argv, per_experiment=True)
+
+
+if __name__ == "__main__":
+    main()
