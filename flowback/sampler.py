@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import progress as tqdm
 
 from .data.images import nchw_to_nhwc, to_uint8
 from .io import FlowBackFileError, load_npz, save_npz, write_bytes

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress as tqdm
 
 from .alignment import AlignSpec, FrozenEncoder, Projector, alignment_features, alignment_loss, match_grid
 from .builders import align_spec, device as pick_device, flow_config, set_threads
@@ -91,6 +91,18 @@ def make_projectors(spec: AlignSpec | None, width: int, hidden: int, enc_dim: in
     if spec is None:
         return nn.ModuleDict()
     return nn.ModuleDict({AlignSpec.key(p): Projector(width, hidden, enc_dim) for p in spec.positions})
+
+
+def objective(model: TARFlow, projectors: nn.ModuleDict, spec: AlignSpec | None, x: torch.Tensor, y: torch.Tensor,
+              targets: torch.Tensor | None, weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's loss = NLL (nats/dim) + weight * mean alignment loss over positions; returns (loss, nll, align)."""
+    out = model(x, y, keep=spec.forward_keep if spec else None, keep_inputs=bool(spec and spec.needs_block_inputs))
+    nll = model.nll_per_dim(out)
+    if spec is None:
+        return nll, nll, torch.zeros((), device=x.device)
+    feats = alignment_features(model, out, model.conditions(y, None, len(x)), spec)
+    align = torch.stack([alignment_loss(projectors[AlignSpec.key(k)](h), targets) for k, h in feats.items()]).mean()
+    return nll + weight * align, nll, align
 
 
 def train(
@@ -166,14 +178,8 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr
 
-        out = model(x, y, keep=spec.forward_keep if spec else None, keep_inputs=bool(spec and spec.needs_block_inputs))
-        nll = model.nll_per_dim(out)
-        loss, align = nll, torch.zeros((), device=dev)
-        if spec is not None:
-            feats = alignment_features(model, out, model.conditions(y, None, B), spec)
-            tgt = targets[idx.to(dev)]
-            align = torch.stack([alignment_loss(projectors[AlignSpec.key(k)](h), tgt) for k, h in feats.items()]).mean()
-            loss = nll + p.align.weight * align
+        tgt = targets[idx.to(dev)] if spec is not None else None
+        loss, nll, align = objective(model, projectors, spec, x, y, tgt, p.align.weight)
         if not torch.isfinite(loss):
             raise TrainingError(f"experiment {exp.name!r}: non-finite loss at step {step + 1} (nll={nll.item()}, "
                                 f"align={align.item()}); the last good state is {state_path} — lower train.lr or "
@@ -191,7 +197,7 @@ def train(
             row = {"step": step + 1, "loss": loss.item(), "bpd": float(bits_per_dim(nll.item())),
                    "align": align.item(), "lr": lr, "grad_norm": float(grad_norm)}
             log.append(row)
-            bar.set_postfix(bpd=f"{row['bpd']:.3f}", align=f"{row['align']:.3f}")
+            bar.set_postfix(bpd=f"{row['bpd']:.3f}", align=f"{row['align']:.3f}", refresh=False)
         if (step + 1) % tp.checkpoint_every == 0 or step + 1 == tp.steps:
             save_state(step + 1)
         if on_step is not None:

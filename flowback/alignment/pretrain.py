@@ -12,7 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import progress as tqdm
 
 from ..data.images import to_model
 from .encoder import EncoderConfig, preprocess
@@ -52,7 +52,7 @@ def train_encoder(images_u8: torch.Tensor, labels: torch.Tensor, cfg: EncoderCon
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return net.eval(), head.eval()
 
 

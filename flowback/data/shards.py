@@ -104,7 +104,7 @@ def write_split(directory: str | Path, split: str, images_u8_nchw: np.ndarray, l
     file's sha256 still matches; anything else is (re)written atomically. The progress file is updated atomically
     after each shard, so a run killed at any point and run again ends with the same files as an uninterrupted run.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress as tqdm
 
     directory = Path(directory)
     images = np.asarray(images_u8_nchw)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress as tqdm
 
 from ..data.images import to_model
 from ..models import TARFlow, log_prob_from

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torch_fidelity
 from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from tqdm import tqdm
+from ..progress import progress as tqdm
 
 from ..io import FlowBackFileError, atomic_path, save_json
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
-from tqdm import tqdm
+from ..progress import progress as tqdm
 
 from .digitnet import load_digitnet
 from .frechet import frechet_distance, gaussian_stats
