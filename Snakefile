@@ -1,0 +1,90 @@
+# Snakemake view of the same pipeline as dvc.yaml: the experiment registry comes from params.yaml and every rule
+# runs the same `python -m stages.X` command. `snakemake -j8 ablation_table` runs the ablation grid;
+# per-experiment jobs declare `threads: 1` and pass it to torch through OMP_NUM_THREADS so parallel jobs share cores.
+configfile: "params.yaml"
+
+RESULTS = config["results"]
+DATA = f"results/data/{config['data']['dataset']}"
+ENCODER = config["encoder"]["dir"]
+METRICNET = config["metrics"]["dir"]
+EXPERIMENTS = list(config["experiments"])
+RUN = RESULTS + "/runs/{experiment}"
+
+wildcard_constraints:
+    experiment="|".join(EXPERIMENTS)
+
+
+rule ablation_table:
+    input:
+        expand(RUN + "/metrics.json", experiment=EXPERIMENTS),
+    output:
+        RESULTS + "/tables/ablation.md",
+        RESULTS + "/tables/ablation.csv",
+        RESULTS + "/tables/training_curves.png",
+    shell:
+        "python -m stages.table --quiet"
+
+
+rule prepare:
+    output:
+        DATA + "/manifest.json",
+    shell:
+        "python -m stages.prepare --quiet"
+
+
+rule encoder:
+    input:
+        DATA + "/manifest.json",
+    output:
+        ENCODER + "/model.safetensors",
+        ENCODER + "/config.json",
+    shell:
+        "python -m stages.encoder --quiet"
+
+
+rule metricnet:
+    input:
+        DATA + "/manifest.json",
+    output:
+        METRICNET + "/model.safetensors",
+        METRICNET + "/config.json",
+    shell:
+        "python -m stages.metricnet --quiet"
+
+
+rule train:
+    input:
+        DATA + "/manifest.json",
+        ENCODER + "/model.safetensors",
+    output:
+        RUN + "/model.pt",
+        RUN + "/train.json",
+        RUN + "/train_log.csv",
+    threads: 1
+    shell:
+        "OMP_NUM_THREADS={threads} python -m stages.train --experiment {wildcards.experiment} --quiet"
+
+
+rule sample:
+    input:
+        RUN + "/model.pt",
+    output:
+        RUN + "/samples.npz",
+        RUN + "/samples.png",
+        RUN + "/sample.json",
+    threads: 1
+    shell:
+        "OMP_NUM_THREADS={threads} python -m stages.sample --experiment {wildcards.experiment} --quiet"
+
+
+rule evaluate:
+    input:
+        DATA + "/manifest.json",
+        METRICNET + "/model.safetensors",
+        RUN + "/model.pt",
+        RUN + "/samples.npz",
+    output:
+        RUN + "/metrics.json",
+    threads: 1
+    shell:
+        "OMP_NUM_THREADS={threads} python -m stages.evaluate --experiment {wildcards.experiment} --quiet"
