@@ -13,8 +13,7 @@ from flowback.data.images import nhwc_to_nchw
 from flowback.data.shards import read_split
 from flowback.io import FlowBackFileError, load_npz, save_json
 from flowback.metrics.classifier import classifier_accuracy
-from flowback.metrics.digitnet import load_digitnet
-from flowback.metrics.generative import extract_features, generative_metrics
+from flowback.metrics.generative import extract_features, generative_metrics, load_feature_network
 from flowback.stage import run_stage
 
 
@@ -36,9 +35,10 @@ def body(params, exp, args):
     dev = pick_device(p.sample.device)
     run_dir = params.run_dir(exp.name)
     show = not args.quiet
-    if mp.network != "digitnet":
-        raise NotImplementedError("only the digitnet feature network is wired in so far")
-    net = load_digitnet(mp.dir).to(dev)
+    if p.model.latent is not None:
+        raise NotImplementedError("evaluate in latent mode needs VAE-decoded samples against ImageNet reference "
+                                  "statistics and VAE-encoded validation shards; not wired in yet")
+    net = load_feature_network(mp.network, mp.dir).to(dev)
     samples = load_samples(run_dir / "samples.npz", p.data.channels, p.data.image_size)
     reference, _ = read_split(p.data.dir, mp.reference_split)
     feats = extract_features(net, samples, mp.batch_size, device=dev, show_progress=show)

@@ -174,7 +174,11 @@ def test_encoder_preprocessing_resizes_and_normalises():
 
 
 def test_missing_encoder_weights_error_names_the_directory(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: set its constant too, so no connection is even tried
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     missing = tmp_path / "no-weights-here"
     with pytest.raises(Exception) as err:
         load_encoder(missing, fallback=TINY, allow_hub=False)
