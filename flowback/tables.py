@@ -46,7 +46,7 @@ def to_markdown(df: pd.DataFrame, title: str, note: str = "") -> str:
         if col in shown:
             shown[col] = shown[col].map(lambda v, d=digits: MISSING if pd.isna(v) else f"{v:.{d}f}")
     missing = int(df[[c for _, c, _ in ABLATION_COLUMNS if c in df]].isna().sum().sum())
-    lines = [f"# {title}", "", shown.to_markdown(index=False), ""]
+    lines = [f"# {title}", "", shown.to_markdown(index=False, disable_numparse=True), ""]
     if note:
         lines += [note, ""]
     if missing:
