@@ -93,7 +93,7 @@ def main(argv=None) -> float:
     ap.add_argument("--repeat", type=int, default=None)
     args = ap.parse_args(argv)
     config = args.config or ("quick" if args.quick else "cpu")
-    repeat = args.repeat or (4 if args.quick else 5)
+    repeat = args.repeat or (3 if args.quick else 5)
     run = functools.partial(measure, device=args.device, warmup=1, repeat=repeat)
     common = dict(config=config, device=args.device, dtype=args.dtype)
     c = CONFIGS[config]["flow"]

@@ -25,7 +25,7 @@ from flowback.models import FlowConfig, Guidance, TARFlow, sample  # noqa: E402
 
 CONFIGS = {
     # 1024 tokens, the paper's 64x64 token count (64 / patch 2 = 32 x 32), in a model small enough for a CPU
-    "quick": dict(flow=dict(channels=3, image_size=32, patch_size=1, width=32, layers=(1, 1), head_dim=16,
+    "quick": dict(flow=dict(channels=3, image_size=32, patch_size=1, width=48, layers=(1, 1), head_dim=16,
                             mlp_ratio=2, num_classes=10), batch=4),
     "cpu": dict(flow=dict(channels=3, image_size=32, patch_size=1, width=64, layers=(2,) * 4, head_dim=16,
                           mlp_ratio=4, num_classes=100), batch=8),
