@@ -149,3 +149,13 @@ def test_paper_imagenet64_config_is_expressible():
                             "noise_std": 0.05}})
     cfg = flow_config(p)
     assert cfg.layers == (8,) * 8 and cfg.num_tokens == 1024 and cfg.width == 768
+
+
+def test_position_embeddings_follow_spatial_tokens_in_flipped_blocks():
+    model = make_model(pos_embed="sincos")
+    flipped = model.blocks[1]
+    T = model.cfg.num_tokens
+    full = flipped.position(0, T)
+    assert torch.equal(full, flipped.pos.flip(0))  # block-order position i is spatial token T-1-i
+    assert torch.equal(flipped.position(5, 1), full[5:6]) and torch.equal(model.blocks[0].position(3, 2),
+                                                                          model.blocks[0].pos[3:5])

@@ -140,9 +140,17 @@ class FlowBlock(nn.Module):
         return torch.where((y >= 0)[:, None], picked, mean)
 
     # -- transformer pieces -----------------------------------------------------------------------------------
+    def position(self, start: int, n: int) -> torch.Tensor:
+        """Embeddings of block-order positions start..start+n-1, each the embedding of its spatial token (a
+        slice, so a cached decoding step does not copy the whole table)."""
+        if not self.flip:
+            return self.pos[start : start + n]
+        T = self.pos.shape[0]
+        return self.pos[T - start - n : T - start].flip(0)
+
     def embed(self, u: torch.Tensor, cond: torch.Tensor | None, start: int = 0) -> torch.Tensor:
         """u: tokens in block order (B, n, D) starting at position `start`."""
-        h = self.proj_in(u) + self.permute(self.pos)[start : start + u.shape[1]]
+        h = self.proj_in(u) + self.position(start, u.shape[1])
         if cond is not None:
             h = h + cond[:, None, :]
         return h
