@@ -13,7 +13,7 @@ import torch
 from flowback.alignment import load_encoder, save_encoder
 from flowback.alignment.pretrain import probe_accuracy, train_encoder
 from flowback.builders import encoder_config
-from flowback.data.shards import read_split
+from flowback.data.shards import load_split
 from flowback.io import save_json
 from flowback.stage import run_stage
 
@@ -24,8 +24,8 @@ def body(params, _exp, args):
         enc = load_encoder(ep.dir, fallback=cfg)
         print(f"encoder {cfg.arch} loads from {ep.dir}: {enc.dim}-d patch features")
         return
-    images, labels = (torch.from_numpy(a) for a in read_split(params.data.dir, "train"))
-    val_images, val_labels = (torch.from_numpy(a) for a in read_split(params.data.dir, "val"))
+    images, labels = (torch.from_numpy(a) for a in load_split(params, "train"))
+    val_images, val_labels = (torch.from_numpy(a) for a in load_split(params, "val"))
     t0 = time.perf_counter()
     net, head = train_encoder(images, labels, cfg, params.data.num_classes, ep.train.steps, ep.train.batch_size,
                               ep.train.lr, ep.train.seed, show_progress=not args.quiet)

@@ -10,7 +10,7 @@ import numpy as np
 from flowback.builders import device as pick_device, flow_config, set_threads
 from flowback.checkpoints import load_flow
 from flowback.data.images import nhwc_to_nchw
-from flowback.data.shards import read_split
+from flowback.data.shards import load_split
 from flowback.io import FlowBackFileError, load_npz, save_json
 from flowback.metrics.classifier import classifier_accuracy
 from flowback.metrics.generative import extract_features, generative_metrics, load_feature_network
@@ -40,13 +40,13 @@ def body(params, exp, args):
                                   "statistics and VAE-encoded validation shards; not wired in yet")
     net = load_feature_network(mp.network, mp.dir).to(dev)
     samples = load_samples(run_dir / "samples.npz", p.data.channels, p.data.image_size)
-    reference, _ = read_split(p.data.dir, mp.reference_split)
+    reference, _ = load_split(p, mp.reference_split)
     feats = extract_features(net, samples, mp.batch_size, device=dev, show_progress=show)
     ref_feats = extract_features(net, reference, mp.batch_size, device=dev, show_progress=show)
     metrics = generative_metrics(feats, ref_feats, isc_splits=mp.isc_splits, prc_neighborhood=mp.prc_neighborhood)
 
     model, _ = load_flow(run_dir / "model.pt", expected=flow_config(p), device=dev)
-    images, labels = read_split(p.data.dir, mp.classifier_split)
+    images, labels = load_split(p, mp.classifier_split)
     metrics["acc"] = 100.0 * classifier_accuracy(model, images, labels, mp.classifier_batch_size, show_progress=show)
     metrics.update(num_samples=int(len(samples)), reference=f"{p.data.dataset}/{mp.reference_split}",
                    network=mp.network)

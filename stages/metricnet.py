@@ -21,11 +21,11 @@ from flowback.stage import run_stage
 REPORT_FILE = "metrics.json"
 
 
-def load_splits(data_dir: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """((train images, labels), (val images, labels)) from the data stage's shards."""
-    from flowback.data.shards import read_split
+def load_splits(params) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((train images, labels), (val images, labels)) from the data stage's shards, prepared with these params."""
+    from flowback.data.shards import load_split
 
-    return read_split(data_dir, "train"), read_split(data_dir, "val")
+    return load_split(params, "train"), load_split(params, "val")
 
 
 def train_metricnet(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], spec: TrainSpec,
@@ -48,7 +48,7 @@ def body(params, _exp, args) -> None:
         raise ParamsError(f"metrics: this profile does not train its metric network (network = {m.network!r}, "
                           f"train = {m.train}); it must provide the network's weights in metrics.dir = {m.dir!r}, "
                           f"and this stage must not run")
-    train, val = load_splits(params.data.dir)
+    train, val = load_splits(params)
     report = train_metricnet(train, val, m.train, params.data.num_classes, m.dir, show_progress=not args.quiet)
     print(f"metricnet: train_acc {report['train_acc']:.4f}  val_acc {report['val_acc']:.4f}  "
           f"({report['steps']} steps, {report['seconds']:.1f} s) -> {m.dir}")

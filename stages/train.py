@@ -14,7 +14,7 @@ import torch
 from flowback.alignment import load_encoder
 from flowback.builders import encoder_config
 from flowback.checkpoints import save_flow
-from flowback.data.shards import read_split
+from flowback.data.shards import load_split
 from flowback.io import save_json, write_bytes
 from flowback.stage import run_stage
 from flowback.training import train
@@ -30,7 +30,7 @@ def write_log(path, rows):
 
 def body(params, exp, args):
     run_dir = params.run_dir(exp.name)
-    images, labels = (torch.from_numpy(a) for a in read_split(params.data.dir, "train"))
+    images, labels = (torch.from_numpy(a) for a in load_split(params, "train"))
     encoder = None
     if exp.strategy != "none":
         encoder = load_encoder(params.encoder.dir, fallback=encoder_config(params.encoder))

@@ -354,8 +354,8 @@ def test_stage_main_trains_saves_and_reports(tmp_path, monkeypatch, capsys):
 
     seen = {}
 
-    def fake_load_splits(data_dir):
-        seen["dir"] = data_dir
+    def fake_load_splits(params):
+        seen["dir"] = params.data.dir
         return _separable_split(0, 300), _separable_split(1, 100)
 
     monkeypatch.setattr(metricnet, "load_splits", fake_load_splits)
@@ -399,8 +399,8 @@ def test_stage_main_bad_params_no_traceback(tmp_path, capsys):
 def test_stage_main_data_error_no_traceback(tmp_path, monkeypatch, capsys):
     from stages import metricnet
 
-    def broken(data_dir):
-        raise FlowBackFileError(f"{data_dir}/train: shard missing")
+    def broken(params):
+        raise FlowBackFileError(f"{params.data.dir}/train: shard missing")
 
     monkeypatch.setattr(metricnet, "load_splits", broken)
     params = tmp_path / "params.yaml"
