@@ -8,6 +8,7 @@ disturbed by other load on a shared machine); `median_seconds` is reported too.
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import resource
 import statistics
@@ -76,6 +77,16 @@ def measure(setup: Callable[[], Callable[[], object]], device: str = "cpu", warm
     if "error" in result:
         raise RuntimeError(result["error"])
     return result
+
+
+def bench_parser(doc: str, configs: dict) -> argparse.ArgumentParser:
+    """The options every bench script shares: --quick, --config, --device, --dtype."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small CPU config, finishes in well under 45 s")
+    ap.add_argument("--config", choices=list(configs), default=None, help="default: quick with --quick, else cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    return ap
 
 
 def mib(n: int) -> str:

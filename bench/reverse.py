@@ -12,7 +12,6 @@ step. Each case runs in its own process (bench/measure.py).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from measure import measure, mib  # noqa: E402
+from measure import bench_parser, measure, mib  # noqa: E402
 
 from flowback.alignment import AlignSpec, EncoderConfig, FrozenEncoder, match_grid  # noqa: E402
 from flowback.models import FlowConfig, TARFlow  # noqa: E402
@@ -85,11 +84,7 @@ def setup_step(config: str, device: str, strategy: str, position: str | None, re
 
 
 def main(argv=None) -> float:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small CPU config, finishes in well under 45 s")
-    ap.add_argument("--config", choices=list(CONFIGS), default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap = bench_parser(__doc__, CONFIGS)
     ap.add_argument("--repeat", type=int, default=None)
     args = ap.parse_args(argv)
     config = args.config or ("quick" if args.quick else "cpu")

@@ -9,7 +9,6 @@ feeds only the newest token (O(T)). Each case runs in its own process (bench/mea
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from measure import measure, mib  # noqa: E402
+from measure import bench_parser, measure, mib  # noqa: E402
 
 from flowback.models import FlowConfig, Guidance, TARFlow, sample  # noqa: E402
 
@@ -45,11 +44,7 @@ def setup_sample(config: str, device: str, use_cache: bool, dtype: str, guided: 
 
 
 def main(argv=None) -> float:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small CPU config, finishes in well under 45 s")
-    ap.add_argument("--config", choices=list(CONFIGS), default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap = bench_parser(__doc__, CONFIGS)
     ap.add_argument("--guided", action="store_true", help="classifier-free guidance (2B rows per step)")
     args = ap.parse_args(argv)
     config = args.config or ("quick" if args.quick else "cpu")
