@@ -32,19 +32,46 @@ class Strict(BaseModel):
 
 # ----------------------------------------------------------------------------------------------------------- data
 class DataParams(Strict):
-    dataset: Literal["digits"] = Field("digits", description="digits: scikit-learn's 8x8 digits, shipped in the package")
+    """Where the training data comes from and how it is turned into shards (`python -m stages.prepare`).
+
+    digits: scikit-learn's 8x8 digits, shipped in the package (the embedded default), split by `val_fraction`.
+    imagenet: ImageNet-1k from `source` (a folder with train/ and val/ holding one folder of JPEGs per class, or the
+    official ILSVRC2012 tar files; see flowback/data/sources.py), with its official train/val split.
+    """
+
+    dataset: Literal["digits", "imagenet"] = "digits"
     root: str = "results/data"
+    source: str | None = Field(None, description="imagenet: the ImageNet folder or the directory of its tar files")
     image_size: int = Field(16, ge=8, le=1024)
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    resize: Literal["tarflow", "adm"] = Field(
+        "tarflow", description="imagenet: tarflow = shorter side to image_size (bilinear) + centre crop, as "
+                               "TARFlow's loader; adm = ADM's box-then-bicubic centre crop")
+    format: Literal["png", "latent"] = Field("png", description="latent: VAE latents (needs model.latent)")
+    classes: int | None = Field(None, ge=2, description="imagenet: classes in the source (default 1000)")
+    max_per_class: int | None = Field(None, ge=1, description="imagenet: keep the first N images of each class")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="digits only: share of each class held out")
     shard_size: int = Field(512, ge=1)
+    workers: int = Field(0, ge=0, description="processes decoding images; 0 = all cores")
+    skip_undecodable: bool = Field(False, description="skip (and count) source images that do not decode")
+    encode_batch_size: int = Field(64, ge=1, description="latent: images per VAE forward pass")
+
+    @model_validator(mode="after")
+    def _dataset_keys(self) -> "DataParams":
+        if self.dataset == "imagenet" and not self.source:
+            raise ValueError("dataset 'imagenet' needs data.source (the ImageNet folder or its tar files)")
+        if self.dataset == "digits":
+            extra = [k for k in ("source", "classes", "max_per_class") if getattr(self, k) is not None]
+            if extra or self.format != "png":
+                raise ValueError(f"dataset 'digits' takes no {', '.join(extra) or 'format other than png'}")
+        return self
 
     @property
     def channels(self) -> int:
-        return {"digits": 1}[self.dataset]
+        return {"digits": 1, "imagenet": 3}[self.dataset]
 
     @property
     def num_classes(self) -> int:
-        return {"digits": 10}[self.dataset]
+        return self.classes or {"digits": 10, "imagenet": 1000}[self.dataset]
 
     @property
     def dir(self) -> Path:
@@ -76,6 +103,7 @@ class EncoderParams(Strict):
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     train: TrainSpec | None = None
+    hub: str | None = Field(None, description="timm name to fetch into dir, e.g. vit_base_patch14_dinov2.lvd142m")
 
 
 class MetricParams(Strict):
@@ -96,6 +124,7 @@ class MetricParams(Strict):
 class LatentParams(Strict):
     vae_dir: str
     scale: float = 0.18215
+    hub: str = Field("stabilityai/sd-vae-ft-ema", description="diffusers repo `flowback weights fetch` saves to vae_dir")
 
 
 class ModelParams(Strict):
@@ -249,6 +278,8 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _image_fits_patches(self) -> "Params":
+        if self.data.format == "latent" and self.model.latent is None:
+            raise ValueError("data.format 'latent' needs model.latent (the VAE that encodes the images)")
         size = self.data.image_size
         if self.model.latent is None and size % self.model.patch_size:
             raise ValueError(f"data.image_size {size} is not a multiple of model.patch_size {self.model.patch_size}")

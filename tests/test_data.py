@@ -385,7 +385,7 @@ def test_prepare_stage_end_to_end(tmp_path, digits16, capsys):
     params_file.write_text(f"data: {{root: {tmp_path / 'data'}, image_size: 16, shard_size: 500}}\n")
     main(["--params", str(params_file), "--quiet"])
     out = capsys.readouterr().out
-    assert "train: 1438 images in 3 shards" in out and "val: 359 images in 1 shards" in out
+    assert "train: 1438 samples in 3 shards" in out and "val: 359 samples in 1 shards" in out
 
     d = tmp_path / "data" / "digits"
     manifest = load_json(d / "manifest.json")

@@ -1,0 +1,70 @@
+"""ImageNet -> VAE latent shards (ImageNet 256 in the paper): centre crop, encode image and flip, store float16.
+
+Each sample holds `mean.npy` and `std.npy`, float16 arrays (2, C, h, w) of the scaled posterior (scale * mean,
+scale * std of diffusers' `latent_dist`): index 0 is the image, index 1 its horizontal flip, so training can use flip
+augmentation and either the mean or a posterior sample without touching the VAE again. Plus `cls`, as in pixel shards.
+
+Encoding runs in the calling process on its device, `batch_size` images per VAE pass; JPEG decoding and cropping
+run in a thread pool (PIL releases the GIL while it decodes and resizes). Shards, keys, digests, skipping and
+resuming follow flowback/data/imagenet.py; the digest also covers the VAE's weights and the scale, so latents of
+another VAE are never reused.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .imagenet import load_image
+from .shards import ShardJob, sample_key, write_samples
+
+MEMBERS = ("mean.npy", "std.npy", "cls")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+class LatentShardBuilder:
+    """`build(job, path)` for write_jobs: decode the job's images, encode them and their flips, write the shard."""
+
+    def __init__(self, codec, device: torch.device, threads: int, dtype: torch.dtype = torch.float32):
+        self.codec, self.device, self.threads, self.dtype = codec, device, max(1, threads), dtype
+        self.seconds = {"decode": 0.0, "vae": 0.0}  # for bench/encode.py: where the time goes
+
+    def __call__(self, job: ShardJob, path: Path) -> list[dict]:
+        p = job.payload
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(self.threads) as pool:
+            loaded = list(pool.map(lambda r: load_image(r, p["image_size"], p["resize"], p["skip_undecodable"]),
+                                   p["refs"]))
+        t1 = time.perf_counter()
+        self.seconds["decode"] += t1 - t0
+        keep = [i for i, (image, _) in enumerate(loaded) if image is not None]
+        skipped = [{"index": job.first + i, "name": p["refs"][i].name, "error": loaded[i][1]}
+                   for i in range(len(loaded)) if loaded[i][0] is None]
+        mean = std = np.zeros((0, 2), np.float16)
+        if keep:
+            mean, std = self.encode(np.stack([loaded[i][0] for i in keep]))
+        self.seconds["vae"] += time.perf_counter() - t1
+        write_samples(path, ({"__key__": sample_key(p["split"], job.first + i), "mean.npy": npy_bytes(mean[k]),
+                              "std.npy": npy_bytes(std[k]), "cls": str(p["refs"][i].label).encode("ascii")}
+                             for k, i in enumerate(keep)))
+        return skipped
+
+    def encode(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, 3, H, W) -> float16 mean and std (n, 2, C, h, w); [:, 1] is the encoding of the flipped image."""
+        x = torch.from_numpy(images_u8).to(self.device).float() / 127.5 - 1.0
+        views = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)  # image, flip, image, flip, ...
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            mean, std = self.codec.encode_with_std(views)
+        shape = (len(x), 2, *mean.shape[1:])
+        return (mean.reshape(shape).cpu().numpy().astype(np.float16),
+                std.reshape(shape).cpu().numpy().astype(np.float16))
