@@ -1,6 +1,8 @@
-"""`flowback` command: checks that need no stage run.
+"""`flowback` command: checks that need no stage run, and the pretrained weights of the paper profiles.
 
-  flowback check [--params params.yaml]   validate every key and every experiment row, print the grid
+  flowback check [--params params.yaml]            validate every key and every experiment row, print the grid
+  flowback weights fetch [--params params.yaml]    download the networks the profile needs (skips verified ones)
+  flowback weights verify [--params params.yaml]   re-hash them, load them through the stages' loaders, run each once
 """
 
 from __future__ import annotations
@@ -24,13 +26,46 @@ def check(path: str) -> int:
     return 0
 
 
+def _sources(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, source = pair.partition("=")
+        if not sep or not name or not source:
+            raise FlowBackError(f"--source {pair!r}: expected NETWORK=PATH_OR_URL, e.g. inception=/mirror/file.pth")
+        out[name] = source
+    return out
+
+
+def weights(args: argparse.Namespace) -> int:
+    from . import weights as w  # imports torch: only the weights commands pay for it
+
+    params = load_params(args.params)
+    if args.action == "fetch":
+        w.fetch(params, _sources(args.source), progress=not args.quiet)
+    else:
+        w.verify(params)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowback", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_check = sub.add_parser("check", help="validate params.yaml and list the experiment grid")
     p_check.add_argument("--params", default="params.yaml")
+    p_weights = sub.add_parser("weights", help="fetch or verify the pretrained networks the profile needs")
+    actions = p_weights.add_subparsers(dest="action", required=True)
+    p_fetch = actions.add_parser("fetch", help="download the networks into the directories params.yaml names")
+    p_fetch.add_argument("--params", default="params.yaml")
+    p_fetch.add_argument("--source", action="append", default=[], metavar="NETWORK=PATH_OR_URL",
+                         help="take a network (encoder, vae, inception) from a local file/directory or URL instead "
+                              "of its hub source, e.g. a mirror; repeatable")
+    p_fetch.add_argument("--quiet", action="store_true", help="no download progress bars")
+    p_verify = actions.add_parser("verify", help="check hashes, load each network and run it once; exit 0 if all pass")
+    p_verify.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     try:
+        if args.command == "weights":
+            return weights(args)
         return check(args.params)
     except FlowBackError as e:
         print(f"flowback: error: {e}", file=sys.stderr)

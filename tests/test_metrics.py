@@ -248,8 +248,9 @@ def test_load_bad_files_name_directory(tmp_path):
         load_digitnet(d)
 
 
-def test_inception_is_a_clear_hook(tmp_path):
-    with pytest.raises(NotImplementedError, match="inception"):
+def test_inception_without_weights_names_the_directory(tmp_path):
+    # the loader itself (features, hashes, safe loading) is tested in tests/test_weights.py
+    with pytest.raises(FlowBackFileError, match=rf"{tmp_path}: no Inception weights.*flowback weights fetch"):
         load_feature_network("inception", tmp_path)
 
 

@@ -1,7 +1,8 @@
 """FID, sFID, IS and precision/recall from features, computed the ADM-suite way.
 
 Features come from one pass of a feature network (`extract_features`); any network with a
-`features(x_u8) -> {"pool", "logits", "spatial"}` method works (DigitNet now, an Inception wrapper later).
+`features(x_u8) -> {"pool", "logits", "spatial"}` method works (DigitNet in the default profile,
+InceptionFeatures from inception.py in the paper profiles).
 - FID / sFID: Fréchet distance of float64 Gaussian statistics of "pool" / "spatial" (our `frechet_distance`).
 - IS: torch-fidelity's `isc_features_to_metric` on "logits" with shuffle=False, i.e. ADM's in-order splits.
 - Precision / recall: torch-fidelity's `prc_features_to_metric` on "pool" with k = `prc_neighborhood` (ADM: 3);
@@ -30,10 +31,12 @@ def load_feature_network(network: str, directory: str | Path) -> nn.Module:
     if network == "digitnet":
         return load_digitnet(directory)
     if network == "inception":
-        # Hook for the paper profiles: torch-fidelity's "inception-v3-compat" loaded from a local, hash-checked file
-        # in `directory`, with pool_3 -> "pool", logits_unbiased -> "logits", and Mixed_6d.branch1x1 (after BN+ReLU)
-        # channels-last, first 7 channels, flattened -> "spatial" (17*17*7 = 2023 dims).
-        raise NotImplementedError("metrics.network 'inception' is not implemented yet; use 'digitnet'")
+        # the paper profiles: torch-fidelity's "inception-v3-compat" from the local file `flowback weights fetch`
+        # wrote; pool_3 -> "pool", logits_unbiased -> "logits", Mixed_6d.branch1x1 (TF mixed_6/conv, after BN+ReLU)
+        # channels-last, first 7 channels, flattened -> "spatial" (17*17*7 = 2023 dims); see inception.py
+        from .inception import load_inception
+
+        return load_inception(directory)
     raise ValueError(f"unknown metric network {network!r}")
 
 

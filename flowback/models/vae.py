@@ -20,11 +20,11 @@ from torch import nn
 
 from ..io import FlowBackFileError, sha256_file
 
-HUB_VAE = "stabilityai/sd-vae-ft-ema"  # the paper's VAE; `flowback weights fetch` (planned) saves it locally
+HUB_VAE = "stabilityai/sd-vae-ft-ema"  # the paper's VAE; `flowback weights fetch` saves it locally
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 _FETCH_HINT = (f"put a diffusers AutoencoderKL there ({CONFIG_FILE} + {WEIGHTS_FILE}), e.g. {HUB_VAE} saved by "
-               f"`flowback weights fetch` (planned) on a machine with internet")
+               f"`flowback weights fetch` on a machine with internet")
 
 
 def _autoencoder_kl():
