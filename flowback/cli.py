@@ -3,6 +3,7 @@
   flowback check [--params params.yaml]            validate every key and every experiment row, print the grid
   flowback weights fetch [--params params.yaml]    download the networks the profile needs (skips verified ones)
   flowback weights verify [--params params.yaml]   re-hash them, load them through the stages' loaders, run each once
+  flowback data verify [--params params.yaml]      re-read every shard of the prepared data against its manifest
 """
 
 from __future__ import annotations
@@ -47,6 +48,26 @@ def weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_verify(path: str) -> int:
+    """Every shard present, sha256 as in the manifest, every sample decodable with the promised keys and labels."""
+    from .data.shards import MANIFEST, load_manifest, prepared_settings, verify
+
+    params = load_params(path)
+    d = params.data.dir
+    manifest = load_manifest(d)
+    stale = [f"{k}: {manifest.get(k)!r} != params {v!r}" for k, v in prepared_settings(params).items()
+             if manifest.get(k) != v]
+    summary = verify(d)
+    for split, s in summary.items():
+        skipped = f", {s['skipped']} sources skipped at prepare" if s["skipped"] else ""
+        print(f"{d}: {split}: {s['count']} samples in {s['shards']} shards verified{skipped}")
+    if stale:
+        print(f"flowback: error: {d / MANIFEST}: the shards are intact but were prepared with other settings than "
+              f"{path} ({'; '.join(stale)}); re-run `python -m stages.prepare`", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowback", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,10 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     p_fetch.add_argument("--quiet", action="store_true", help="no download progress bars")
     p_verify = actions.add_parser("verify", help="check hashes, load each network and run it once; exit 0 if all pass")
     p_verify.add_argument("--params", default="params.yaml")
+    p_data = sub.add_parser("data", help="verify the prepared data shards")
+    p_data.add_argument("action", choices=["verify"])
+    p_data.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     try:
         if args.command == "weights":
             return weights(args)
+        if args.command == "data":
+            return data_verify(args.params)
         return check(args.params)
     except FlowBackError as e:
         print(f"flowback: error: {e}", file=sys.stderr)

@@ -101,3 +101,44 @@ def test_train_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path)
     assert not state.exists()  # the finished stage removes its resume state
     summary = fio.load_json(b / "results" / "runs" / "baseline" / "train.json")
     assert summary["resumed_from"] == killed_at  # it really continued, rather than starting over identically
+
+
+@pytest.mark.slow
+def test_sample_killed_with_sigkill_resumes_without_duplicates_or_gaps(tmp_path):
+    import shutil
+
+    a = tmp_path / "a"
+    a.mkdir()
+    params_a = tiny_params(a, 20)
+    raw = yaml.safe_load(params_a.read_text())
+    raw["sample"].update(per_class=60, batch_size=10, device="cpu")  # 600 images in 60 chunks
+    params_a.write_text(yaml.safe_dump(raw, sort_keys=False))
+    for stage in (("stages.prepare",), ("stages.train", "--experiment", "baseline")):
+        p = run_stage(*stage, "--params", str(params_a), "--quiet")
+        assert p.wait() == 0, p.stderr.read().decode()[-2000:]
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    params_b = b / "params.yaml"
+    params_b.write_text(params_a.read_text().replace(str(a), str(b)))
+
+    full = run_stage("stages.sample", "--params", str(params_a), "--experiment", "baseline", "--quiet")
+    run_b = b / "results" / "runs" / "baseline"
+    victim = run_stage("stages.sample", "--params", str(params_b), "--experiment", "baseline", "--quiet")
+    deadline = time.time() + 120
+    while not (run_b / "chunks" / "000003.npz").exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    done = len(list((run_b / "chunks").glob("*.npz")))
+    assert not (run_b / "samples.npz").exists() and 3 <= done < 60, "the kill should land mid-way"
+
+    resumed = run_stage("stages.sample", "--params", str(params_b), "--experiment", "baseline", "--quiet")
+    assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
+    assert full.wait() == 0, full.stderr.read().decode()[-2000:]
+    sa = fio.load_npz(a / "results" / "runs" / "baseline" / "samples.npz")
+    sb = fio.load_npz(run_b / "samples.npz")
+    assert sb["arr_0"].shape == (600, 16, 16, 1)
+    assert (sb["arr_1"] == sa["arr_1"]).all() and (sb["arr_1"].reshape(60, 10) == range(10)).all()  # balanced
+    assert (sa["arr_0"] == sb["arr_0"]).all()  # the same images: none duplicated, none missing, none redrawn
+    assert not (run_b / "chunks").exists()
