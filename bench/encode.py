@@ -56,13 +56,13 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer images, finishes in about a minute on 2 cores")
-    ap.add_argument("--images", type=int, default=None, help="source images (default 400; 120 with --quick)")
+    ap.add_argument("--images", type=int, default=None, help="source images (default 2000; 200 with --quick)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--vae-images", type=int, default=None, help="images through the VAE (default: 64 on cuda, "
                                                                   "8 on cpu)")
     args = ap.parse_args(argv)
-    n = args.images or (120 if args.quick else 400)
+    n = args.images or (200 if args.quick else 2000)
     cores = os.cpu_count() or 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +77,8 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         ims = [decode_rgb(b) for b in data]
         rows.append(("JPEG decode", "1 process", rate(n, time.perf_counter() - t)))
-        t = time.perf_counter()
+        crop_square(ims[0], 64, "tarflow"), crop_square(ims[0], 256, "adm"), encode_png(np.zeros((3, 8, 8), np.uint8))
+        t = time.perf_counter()  # (after one warm-up call each: torchvision's first import is not per-image cost)
         crops = [crop_square(im, 64, "tarflow") for im in ims]
         rows.append(("crop to 64 (tarflow)", "1 process", rate(n, time.perf_counter() - t)))
         t = time.perf_counter()
@@ -94,8 +95,9 @@ def main(argv=None) -> None:
             t = time.perf_counter()
             write_imagenet_split(out, "train", train, image_size=64, resize="tarflow", shard_size=max(8, n // 16),
                                  num_classes=10, workers=workers, skip_undecodable=False, show_progress=False)
+            seconds = time.perf_counter() - t
             rows.append(("prepare 64 px (end to end)", f"{workers} process{'es' if workers > 1 else ''}",
-                         rate(n, time.perf_counter() - t)))
+                         f"{n / seconds:.1f} ({seconds:.1f} s{', incl. worker start' if workers > 1 else ''})"))
 
         from flowback.data.imagenet import make_jobs
         from flowback.models.vae import LatentCodec, _autoencoder_kl
