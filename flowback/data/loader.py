@@ -144,6 +144,6 @@ def make_loader(directory: str | Path, split: str, batch_size: int, *, rank: int
         pipeline = wds.DataPipeline(stream, wds.batched(batch_size, collation_fn=collate, partial=True))
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=False)
     if resampled:
-        loader = loader.with_length(per_worker * max(1, workers)).with_epoch(batches)
+        loader = loader.with_epoch(batches).with_length(batches, silent=True)
     loader.set_epoch = stream.set_epoch  # type: ignore[attr-defined]
     return loader

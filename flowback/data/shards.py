@@ -159,7 +159,8 @@ def write_jobs(directory: str | Path, split: str, jobs: list[ShardJob], build: C
     """Make the shards of a split; returns the manifest's shard entries, in order.
 
     `build(job, path)` writes the shard atomically at `path` and returns the skipped sources as
-    [{"index", "name", "error"}]; with `workers` > 0 it runs in that many processes (it and the jobs must pickle).
+    [{"index", "name", "error"}]; with `workers` > 1 it runs in that many processes (it and the jobs must pickle),
+    else in this process.
     With `world` > 1 this process makes only jobs[rank::world] and returns only their entries; once every rank is
     done, `collect_entries` gives the whole list.
     Resumable: a shard is reused when a progress file says it was made from the same `digest` and its sha256 still
@@ -171,8 +172,7 @@ def write_jobs(directory: str | Path, split: str, jobs: list[ShardJob], build: C
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     mine = jobs[rank::world]
-    _remove_stale(directory, split, [j.name for j in jobs] if rank == 0 else [j.name for j in mine],
-                  [j.name for j in mine])
+    _remove_stale(directory, split, [j.name for j in jobs], [j.name for j in mine])
     progress_file = _progress_path(directory, split) if world == 1 else directory / f".progress-{split}.rank{rank}.json"
     known = _load_progress(directory, split)
     done = {j.name: known[j.name] for j in mine if _reusable(directory, j, known.get(j.name))}
@@ -188,7 +188,7 @@ def write_jobs(directory: str | Path, split: str, jobs: list[ShardJob], build: C
     total = sum(j.size for j in mine)
     bar = tqdm(total=total, initial=total - sum(j.size for j in todo), desc=f"shards {split}", unit="img",
                disable=not show_progress)
-    if workers > 0 and len(todo) > 1:
+    if workers > 1 and len(todo) > 1:
         import concurrent.futures as cf
         import multiprocessing as mp
 
