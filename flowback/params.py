@@ -54,6 +54,7 @@ class DataParams(Strict):
     workers: int = Field(0, ge=0, description="processes decoding images; 0 = all cores, 1 = this process only")
     skip_undecodable: bool = Field(False, description="skip (and count) source images that do not decode")
     encode_batch_size: int = Field(64, ge=1, description="latent: images per VAE forward pass")
+    keep_pixels: bool = Field(True, description="latent: also store the crop as PNG (the alignment encoder's input)")
 
     @model_validator(mode="after")
     def _dataset_keys(self) -> "DataParams":

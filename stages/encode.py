@@ -18,7 +18,7 @@ import torch
 
 from flowback.builders import device as pick_device
 from flowback.data.imagenet import make_jobs, written_labels
-from flowback.data.latents import MEMBERS, LatentShardBuilder
+from flowback.data.latents import MEMBERS, MEMBERS_WITH_PIXELS, LatentShardBuilder
 from flowback.data.shards import (MANIFEST, collect_entries, prepared_settings, split_entry, verify, write_jobs,
                                   write_manifest)
 from flowback.data.sources import list_imagenet
@@ -49,7 +49,7 @@ def encode(params: Params, show_progress: bool = True) -> dict:
         raise ParamsError(f"data.image_size: {d.image_size} is not a multiple of the VAE's downsampling {codec.factor}")
     latent_shape = [2, codec.latent_channels, d.image_size // codec.factor, d.image_size // codec.factor]
     settings = {"image_size": d.image_size, "resize": d.resize, "skip_undecodable": d.skip_undecodable,
-                "vae": vae_fingerprint(lp.vae_dir), "scale": lp.scale}
+                "vae": vae_fingerprint(lp.vae_dir), "scale": lp.scale, "keep_pixels": d.keep_pixels}
     wnids, refs = list_imagenet(d.source, d.num_classes, d.max_per_class)
     if rank == 0:
         (directory / MANIFEST).unlink(missing_ok=True)
@@ -66,7 +66,8 @@ def encode(params: Params, show_progress: bool = True) -> dict:
             entries = collect_entries(directory, split, split_jobs)
             splits[split] = split_entry(entries, written_labels(refs[split], entries), d.num_classes)
         write_manifest(directory, {**prepared_settings(params), "shard_size": d.shard_size, "source": str(d.source),
-                                   "wnids": wnids, "members": list(MEMBERS), "latent_shape": latent_shape,
+                                   "wnids": wnids,
+                                   "members": list(MEMBERS_WITH_PIXELS if d.keep_pixels else MEMBERS), "latent_shape": latent_shape,
                                    "vae": settings["vae"], "vae_hub": lp.hub, "scale": lp.scale, "splits": splits})
         summary = verify(directory)
     if world > 1:

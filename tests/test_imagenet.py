@@ -356,10 +356,11 @@ def test_latent_shards_hold_mean_and_std_of_image_and_flip(source, vae_dir, tmp_
     assert summary["train"]["count"] == 36 and summary["val"]["per_class"] == [3] * 4
     out = tmp_path / "data" / "imagenet"
     manifest = load_json(out / "manifest.json")
-    assert manifest["members"] == ["mean.npy", "std.npy", "cls"] and manifest["latent_shape"] == [2, 4, 8, 8]
+    assert manifest["members"] == ["png", "mean.npy", "std.npy", "cls"] and manifest["latent_shape"] == [2, 4, 8, 8]
     lat = read_latents(out, "val")
     _, refs = sources.list_imagenet(source, 4)
     crops = torch.from_numpy(np.stack([crop_square(decode_rgb(r.read()), 32, "adm") for r in refs["val"]]))
+    assert torch.equal(torch.from_numpy(read_split(out, "val")[0]), crops)  # keep_pixels: the encoder's input
     codec = LatentCodec(load_vae(vae_dir), 0.18215, batch_size=7)  # as encode_batch_size: same batches, same bits
     x = crops.float() / 127.5 - 1
     mean, std = codec.encode_with_std(x)
@@ -376,7 +377,7 @@ def test_latent_shards_hold_mean_and_std_of_image_and_flip(source, vae_dir, tmp_
     from flowback.data.shards import collect_entries, write_jobs
 
     other = tmp_path / "ranks"
-    settings = {"image_size": 32, "resize": "adm", "skip_undecodable": False}
+    settings = {"image_size": 32, "resize": "adm", "skip_undecodable": False, "keep_pixels": True}
     jobs = make_jobs("train", refs["train"], 10, settings)
     build = LatentShardBuilder(codec, torch.device("cpu"), 2)
     mine = [write_jobs(other, "train", jobs, build, rank=r, world=2, show_progress=False) for r in range(2)]
@@ -388,13 +389,14 @@ def test_latent_shards_hold_mean_and_std_of_image_and_flip(source, vae_dir, tmp_
 
     # a sample whose array has the wrong dtype or shape is an error naming shard and sample
     from flowback.data.latents import npy_bytes
-    from flowback.data.shards import write_samples
+    from flowback.data.shards import encode_png, write_samples
 
     shard = out / "val-000001.tar"
+    png = encode_png(np.zeros((3, 32, 32), np.uint8))
     write_samples(shard, [{"__key__": "val-0000010", "mean.npy": npy_bytes(np.zeros((2, 4, 8, 8), np.float32)),
-                           "std.npy": npy_bytes(np.ones((2, 4, 8, 8), np.float16)), "cls": b"3"},
+                           "std.npy": npy_bytes(np.ones((2, 4, 8, 8), np.float16)), "cls": b"3", "png": png},
                           {"__key__": "val-0000011", "mean.npy": npy_bytes(np.zeros((4, 8, 8), np.float16)),
-                           "std.npy": npy_bytes(np.ones((2, 4, 8, 8), np.float16)), "cls": b"3"}])
+                           "std.npy": npy_bytes(np.ones((2, 4, 8, 8), np.float16)), "cls": b"3", "png": png}])
     manifest["splits"]["val"]["shards"][1]["sha256"] = sha256_file(shard)
     write_manifest(out, {k: v for k, v in manifest.items() if k != "format"})
     with pytest.raises(FlowBackFileError, match=r"val-000001.tar: sample 'val-0000010': .mean.npy is float32 "

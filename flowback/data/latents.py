@@ -2,7 +2,9 @@
 
 Each sample holds `mean.npy` and `std.npy`, float16 arrays (2, C, h, w) of the scaled posterior (scale * mean,
 scale * std of diffusers' `latent_dist`): index 0 is the image, index 1 its horizontal flip, so training can use flip
-augmentation and either the mean or a posterior sample without touching the VAE again. Plus `cls`, as in pixel shards.
+augmentation and either the mean or a posterior sample without touching the VAE again. Plus `cls`, as in pixel shards,
+and - with `data.keep_pixels`, as REPA's preprocessing keeps its images - the crop itself as `png`, because the
+alignment encoder (DINOv2) needs the pixels, not the VAE's reconstruction of them.
 
 Encoding runs in the calling process on its device, `batch_size` images per VAE pass; JPEG decoding and cropping
 run in a thread pool (PIL releases the GIL while it decodes and resizes). Shards, keys, digests, skipping and
@@ -21,9 +23,10 @@ import numpy as np
 import torch
 
 from .imagenet import load_image
-from .shards import ShardJob, sample_key, write_samples
+from .shards import ShardJob, encode_png, sample_key, write_samples
 
 MEMBERS = ("mean.npy", "std.npy", "cls")
+MEMBERS_WITH_PIXELS = ("png", *MEMBERS)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -54,9 +57,14 @@ class LatentShardBuilder:
         if keep:
             mean, std = self.encode(np.stack([loaded[i][0] for i in keep]))
         self.seconds["vae"] += time.perf_counter() - t1
-        write_samples(path, ({"__key__": sample_key(p["split"], job.first + i), "mean.npy": npy_bytes(mean[k]),
-                              "std.npy": npy_bytes(std[k]), "cls": str(p["refs"][i].label).encode("ascii")}
-                             for k, i in enumerate(keep)))
+        def sample(k: int, i: int) -> dict:
+            out = {"__key__": sample_key(p["split"], job.first + i), "mean.npy": npy_bytes(mean[k]),
+                   "std.npy": npy_bytes(std[k]), "cls": str(p["refs"][i].label).encode("ascii")}
+            if p.get("keep_pixels"):
+                out["png"] = encode_png(loaded[i][0])
+            return out
+
+        write_samples(path, (sample(k, i) for k, i in enumerate(keep)))
         return skipped
 
     def encode(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -528,6 +528,8 @@ def prepared_settings(params: "Params") -> dict:
         want |= {"split_seed": params.seed, "val_fraction": d.val_fraction}
     else:
         want |= {"resize": d.resize, "format": d.format, "max_per_class": d.max_per_class}
+    if d.format == "latent":
+        want |= {"keep_pixels": d.keep_pixels}
     return want
 
 
