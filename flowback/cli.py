@@ -50,13 +50,11 @@ def weights(args: argparse.Namespace) -> int:
 
 def data_verify(path: str) -> int:
     """Every shard present, sha256 as in the manifest, every sample decodable with the promised keys and labels."""
-    from .data.shards import MANIFEST, load_manifest, prepared_settings, verify
+    from .data.shards import MANIFEST, load_manifest, stale_settings, verify
 
     params = load_params(path)
     d = params.data.dir
-    manifest = load_manifest(d)
-    stale = [f"{k}: {manifest.get(k)!r} != params {v!r}" for k, v in prepared_settings(params).items()
-             if manifest.get(k) != v]
+    stale = stale_settings(params, load_manifest(d))
     summary = verify(d)
     for split, s in summary.items():
         skipped = f", {s['skipped']} sources skipped at prepare" if s["skipped"] else ""

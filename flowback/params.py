@@ -177,6 +177,11 @@ class TrainParams(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16: autocast (GPU training)")
+    compile: bool = Field(False, description="wrap the training objective in torch.compile")
+    workers: int = Field(4, ge=0, description="streamed data (ImageNet): loader worker processes per rank")
+    shuffle_buffer: int = Field(1000, ge=0, description="streamed data: samples in each worker's shuffle buffer")
+    flip: bool = Field(True, description="streamed data: random horizontal flips (TARFlow's augmentation)")
 
 
 class AlignParams(Strict):

@@ -7,6 +7,12 @@ takes exactly the steps an uninterrupted run would: on CPU the weights come out 
 Safety: the resume state (model, projectors, optimizer, EMA, log) is written atomically every `checkpoint_every`
 steps, so a kill loses at most that many steps; a non-finite loss stops the run with a message and leaves the last
 good state on disk.
+
+Scale: under torchrun (WORLD_SIZE > 1) every rank computes its part of the global batch and DDP averages the
+gradients; the noise and label-drop draws are made for the global batch and sliced, so 1 and N processes train on
+the same global batches. `train.dtype: bfloat16` runs the objective under autocast; `train.compile` wraps it in
+torch.compile. Batches come from memory (flowback.data.batches.MemoryBatches) or are streamed from shards
+(ShardBatches) for ImageNet.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from .progress import progress as tqdm
 
 from .alignment import AlignSpec, FrozenEncoder, Projector, alignment_features, alignment_loss, match_grid
 from .builders import align_spec, device as pick_device, flow_config, set_threads
+from .data.batches import MemoryBatches, batch_indices  # noqa: F401 (batch_indices: re-exported)
 from .data.images import to_model
 from .errors import FlowBackError
 from .io import load_torch, save_torch
@@ -58,18 +65,6 @@ def fingerprint(exp: Experiment) -> str:
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
-    """Indices for `step`: consecutive slices of per-epoch permutations (an epoch is ceil(n / batch) steps)."""
-    pos, out = step * batch, []
-    while sum(len(o) for o in out) < batch:
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        take = min(batch - sum(len(o) for o in out), n - offset)
-        out.append(perm[offset : offset + take])
-        pos += take
-    return torch.cat(out)
 
 
 def learning_rate(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
@@ -105,23 +100,55 @@ def objective(model: TARFlow, projectors: nn.ModuleDict, spec: AlignSpec | None,
     return nll + weight * align, nll, align
 
 
+class Objective(nn.Module):
+    """The whole training loss as one module, so DDP sees every parameter used inside one forward call (the
+    alignment strategies call into the flow's blocks again after its forward pass)."""
+
+    def __init__(self, model: TARFlow, projectors: nn.ModuleDict, spec: AlignSpec | None, weight: float):
+        super().__init__()
+        self.model, self.projectors, self.spec, self.weight = model, projectors, spec, weight
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None):
+        return objective(self.model, self.projectors, self.spec, x, y, targets, self.weight)
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) for a plain run."""
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
 def train(
     exp: Experiment,
-    images_u8: torch.Tensor,
-    labels: torch.Tensor,
+    images_u8: torch.Tensor | None,
+    labels: torch.Tensor | None,
     state_path: str | Path,
     encoder: FrozenEncoder | None = None,
     show_progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    batches=None,
+    on_log: Callable[[list[dict]], None] | None = None,
 ) -> TrainResult:
-    """Train exp's flow on in-memory uint8 NCHW images; resume from `state_path` if it holds a matching state.
+    """Train exp's flow; resume from `state_path` if it holds a matching state.
 
-    `on_step(step)` is called after each completed step (tests use it to simulate a crash).
+    Data: in-memory uint8 NCHW `images_u8` and `labels`, or a `batches` source (ShardBatches) for streamed data.
+    `on_step(step)` is called after each completed step (tests use it to simulate a crash); `on_log(log)` with the
+    whole log so far after each new row, on rank 0 (the train stage feeds dvclive from it).
     """
     p = exp.params
     tp = p.train
     set_threads(tp.threads)
     dev = pick_device(tp.device)
+    rank, world, local_rank = distributed()
+    if world > 1:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local_rank)
+            torch.cuda.set_device(dev)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if tp.batch_size % world:
+        raise TrainingError(f"train.batch_size {tp.batch_size} does not split over {world} processes")
     spec = align_spec(exp)
     if spec is not None and encoder is None:
         raise TrainingError(f"experiment {exp.name!r} aligns ({exp.strategy}) but no encoder was given")
@@ -151,38 +178,63 @@ def train(
         start, log = int(st["step"]), list(st["log"])
 
     def save_state(step: int) -> None:
+        if rank != 0:
+            return
         save_torch(state_path, {"fingerprint": fp, "step": step, "model": model.state_dict(),
                                 "projectors": projectors.state_dict(), "optimizer": opt.state_dict(),
                                 "ema": ema.state_dict() if ema is not None else {}, "log": log})
 
+    if batches is None:
+        batches = MemoryBatches(images_u8, labels, tp.batch_size, tp.seed)
     targets = None
     if spec is not None:
         encoder = encoder.to(dev)
-        targets = encode_targets(encoder, images_u8.to(dev), model.cfg.grid)
+        if isinstance(batches, MemoryBatches):  # a fixed image set: its encoder features once, not every step
+            targets = encode_targets(encoder, batches.images.to(dev), model.cfg.grid)
 
-    n, B = len(images_u8), tp.batch_size
+    objective_fn: nn.Module = Objective(model, projectors, spec, p.align.weight)
+    if world > 1:
+        objective_fn = nn.parallel.DistributedDataParallel(objective_fn, device_ids=[dev.index] if dev.type == "cuda"
+                                                           else None)
+    if tp.compile:
+        objective_fn = torch.compile(objective_fn)
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=tp.dtype == "bfloat16")
+
+    B, b = tp.batch_size, tp.batch_size // world
     sigma, drop = p.model.noise_std, p.model.label_drop
     t0 = time.perf_counter()
     model.train()
     bar = tqdm(range(start, tp.steps), initial=start, total=tp.steps, desc=f"train {exp.name}",
-               disable=not show_progress)
+               disable=not show_progress or rank != 0)
     for step in bar:
         g = step_generator(tp.seed, step)
-        idx = batch_indices(step, n, B, tp.seed)
-        x = to_model(images_u8[idx]).to(dev)
-        x = x + sigma * torch.randn(x.shape, generator=g).to(dev)
-        y = labels[idx].clone()
-        y[torch.rand(B, generator=g) < drop] = -1
+        batch = batches.get(step, rank, world)
+        mine = slice(rank * b, (rank + 1) * b)
+        x = batch.x.to(dev)
+        x = x + sigma * torch.randn((B, *x.shape[1:]), generator=g)[mine].to(dev)
+        y = batch.y.clone()
+        y[(torch.rand(B, generator=g) < drop)[mine]] = -1
         y = y.to(dev)
         lr = learning_rate(step, tp.lr, tp.min_lr, tp.warmup_steps, tp.steps)
         for group in opt.param_groups:
             group["lr"] = lr
 
-        tgt = targets[idx.to(dev)] if spec is not None else None
-        loss, nll, align = objective(model, projectors, spec, x, y, tgt, p.align.weight)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"experiment {exp.name!r}: non-finite loss at step {step + 1} (nll={nll.item()}, "
-                                f"align={align.item()}); the last good state is {state_path} — lower train.lr or "
+        tgt = None
+        if spec is not None:
+            if targets is not None:
+                tgt = targets[batch.index.to(dev)]
+            else:
+                with torch.no_grad():
+                    tgt = match_grid(encoder(to_model(batch.pixels.to(dev))), model.cfg.grid)
+        with torch.autocast(**amp):
+            loss, nll, align = objective_fn(x, y, tgt)
+        stats = torch.stack([loss.detach(), nll.detach(), align.detach()]).float()
+        if world > 1:
+            torch.distributed.all_reduce(stats)
+            stats /= world
+        if not torch.isfinite(stats).all():
+            raise TrainingError(f"experiment {exp.name!r}: non-finite loss at step {step + 1} (nll={stats[1].item()}, "
+                                f"align={stats[2].item()}); the last good state is {state_path} — lower train.lr or "
                                 f"raise train.grad_clip, then re-run to resume")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -194,10 +246,12 @@ def train(
                     pe.lerp_(pm, 1 - tp.ema_decay)
 
         if (step + 1) % tp.log_every == 0 or step + 1 == tp.steps:
-            row = {"step": step + 1, "loss": loss.item(), "bpd": float(bits_per_dim(nll.item())),
-                   "align": align.item(), "lr": lr, "grad_norm": float(grad_norm)}
+            row = {"step": step + 1, "loss": stats[0].item(), "bpd": float(bits_per_dim(stats[1].item())),
+                   "align": stats[2].item(), "lr": lr, "grad_norm": float(grad_norm)}
             log.append(row)
             bar.set_postfix(bpd=f"{row['bpd']:.3f}", align=f"{row['align']:.3f}", refresh=False)
+            if on_log is not None and rank == 0:
+                on_log(log)
         if (step + 1) % tp.checkpoint_every == 0 or step + 1 == tp.steps:
             save_state(step + 1)
         if on_step is not None:
@@ -214,6 +268,8 @@ def train(
         "final_align": float(np.mean([r["align"] for r in tail])) if spec else None,
         "seconds": seconds,
         "steps_per_second": (tp.steps - start) / seconds if seconds > 0 else None,
+        "images_per_second": (tp.steps - start) * tp.batch_size / seconds if seconds > 0 else None,
+        "processes": world,
         "params_millions": sum(q.numel() for q in model.parameters()) / 1e6,
     }
     return TrainResult(final, projectors, log, tp.steps, seconds, start, summary)

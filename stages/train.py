@@ -1,7 +1,12 @@
 """Stage `train`: train one experiment of the registry (baseline or an aligned variant) on the train split.
 
-Outputs in results/runs/<experiment>/: model.pt (flow config + weights), train.json (metrics), train_log.csv
-(curves for `dvc plots`). A killed run resumes from results/runs/<experiment>/.resume/state.pt.
+    python -m stages.train --experiment E
+    torchrun --nproc_per_node 8 -m stages.train --experiment E       # DDP, one GPU per rank
+
+Outputs in results/runs/<experiment>/: model.pt (flow config + weights), train.json (metrics), train_log.csv and
+dvclive/ (curves for `dvc plots`). A killed run resumes from results/runs/<experiment>/.resume/state.pt; the dvclive
+files are rebuilt from the log saved in that state, so no step is logged twice. The embedded default trains from
+memory; ImageNet profiles stream the shards (flowback.data.batches.ShardBatches).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 from flowback.alignment import load_encoder
 from flowback.builders import encoder_config
 from flowback.checkpoints import save_flow
-from flowback.data.shards import load_split
+from flowback.data.shards import check_prepared, load_split
 from flowback.io import save_json, write_bytes
 from flowback.stage import run_stage
 from flowback.training import train
@@ -28,14 +33,62 @@ def write_log(path, rows):
     write_bytes(path, buf.getvalue().encode())
 
 
+class LiveLog:
+    """dvclive metrics and plots under run_dir/dvclive (`dvc plots show`), with the training throughput.
+
+    The first call of a process rewrites the directory from the whole log (which the resume state carries), later
+    calls append the new row: a resumed run never shows the steps lost after its last checkpoint twice.
+    """
+
+    def __init__(self, directory, images_per_row: int):
+        self.directory, self.images_per_row = directory, images_per_row
+        self.synced, self.last = False, None
+
+    def __call__(self, log: list[dict]) -> None:
+        import shutil
+        import time
+
+        from dvclive import Live
+
+        now = time.perf_counter()
+        if not self.synced:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        rows = log if not self.synced else log[-1:]
+        with Live(str(self.directory), resume=self.synced, save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            for row in rows:
+                live.step = row["step"]
+                for k in ("loss", "bpd", "align", "lr", "grad_norm"):
+                    live.log_metric(f"train/{k}", row[k])
+                if self.last is not None and row is log[-1]:
+                    live.log_metric("train/images_per_second", self.images_per_row / (now - self.last))
+                live.next_step()
+        self.synced, self.last = True, now
+
+
 def body(params, exp, args):
+    from flowback.training import distributed
+
+    p = exp.params
     run_dir = params.run_dir(exp.name)
-    images, labels = (torch.from_numpy(a) for a in load_split(params, "train"))
+    rank, world, _ = distributed()
+    batches, images, labels = None, None, None
+    if p.data.dataset == "digits":
+        images, labels = (torch.from_numpy(a) for a in load_split(params, "train"))
+    else:
+        from flowback.data.batches import ShardBatches
+
+        check_prepared(params)  # streamed shards must match these params, as load_split insists
+        tp = p.train
+        batches = ShardBatches(p.data.dir, "train", tp.batch_size, tp.seed, tp.checkpoint_every, rank=rank,
+                               world=world, workers=tp.workers, shuffle_buffer=tp.shuffle_buffer, flip=tp.flip)
     encoder = None
     if exp.strategy != "none":
         encoder = load_encoder(params.encoder.dir, fallback=encoder_config(params.encoder))
     state = run_dir / ".resume" / "state.pt"
-    result = train(exp, images, labels, state, encoder, show_progress=not args.quiet)
+    result = train(exp, images, labels, state, encoder, show_progress=not args.quiet, batches=batches,
+                   on_log=LiveLog(run_dir / "dvclive", p.train.log_every * p.train.batch_size))
+    if rank != 0:
+        return
     save_flow(run_dir / "model.pt", result.model, experiment=exp.name, strategy=exp.strategy,
               position=exp.position, steps=result.steps)
     write_log(run_dir / "train_log.csv", result.log)

@@ -533,16 +533,26 @@ def prepared_settings(params: "Params") -> dict:
     return want
 
 
+def stale_settings(params: "Params", manifest: dict) -> list[str]:
+    """How the manifest's recorded settings differ from `params` ("key: manifest != params"), empty if they agree."""
+    return [f"{k}: {manifest.get(k)!r} != params {v!r}" for k, v in prepared_settings(params).items()
+            if manifest.get(k) != v]
+
+
+def check_prepared(params: "Params") -> dict:
+    """The manifest of `params.data.dir`, or an error if the data was prepared with other settings."""
+    d = params.data
+    manifest = load_manifest(d.dir)
+    stale = stale_settings(params, manifest)
+    if stale:
+        raise FlowBackFileError(f"{Path(d.dir) / MANIFEST}: prepared with other settings ({'; '.join(stale)}); "
+                                f"re-run `python -m stages.prepare`")
+    return manifest
+
+
 def load_split(params: "Params", split: str) -> tuple[np.ndarray, np.ndarray]:
     """The uint8 images and int64 labels of `split` of the data set `params` describe (written by stages.prepare).
 
     Refuses data prepared with different settings (data set, image size, split seed or fraction, crop): re-run prepare.
     """
-    d = params.data
-    manifest = load_manifest(d.dir)
-    stale = [f"{k}: {manifest.get(k)!r} != params {v!r}" for k, v in prepared_settings(params).items()
-             if manifest.get(k) != v]
-    if stale:
-        raise FlowBackFileError(f"{Path(d.dir) / MANIFEST}: prepared with other settings ({'; '.join(stale)}); "
-                                f"re-run `python -m stages.prepare`")
-    return _read_checked(Path(d.dir), manifest, split)
+    return _read_checked(Path(params.data.dir), check_prepared(params), split)

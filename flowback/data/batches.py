@@ -1,0 +1,106 @@
+"""Where a training step's images come from: in memory (the embedded default) or streamed from shards (ImageNet).
+
+Both give step `s` and rank `r` of `world` a deterministic batch, so a run resumed from a checkpoint takes the steps
+an uninterrupted run would:
+
+- `MemoryBatches`: the global batch of step s is a slice of seeded per-epoch permutations (as before DDP existed);
+  rank r takes its contiguous part of it, so 1 or N processes train on the same global batches.
+- `ShardBatches`: streamed through flowback.data.loader (resampled shards, shuffle buffer, per-rank and per-worker
+  streams). The stream is re-seeded at every `segment` steps (= train.checkpoint_every), so resuming at a checkpoint
+  needs no replay of the data already seen: the state on disk always sits at a segment boundary. Random horizontal
+  flips (TARFlow's RandomHorizontalFlip) are drawn per sample from (seed, step, rank). Latent shards give the stored
+  posterior mean of the image or of its flip (both were encoded by `stages.encode`), and the matching pixels (PNG
+  crop, flipped alike) for the alignment encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .images import to_model
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # model-space input before noise: [-1, 1] pixels, or scaled latents
+    y: torch.Tensor  # int64 labels
+    index: torch.Tensor | None = None  # rows of precomputed alignment targets (memory mode)
+    pixels: torch.Tensor | None = None  # uint8 images for the alignment encoder (shard mode)
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
+    """Indices for `step`: consecutive slices of per-epoch permutations (an epoch is ceil(n / batch) steps)."""
+    pos, out = step * batch, []
+    while sum(len(o) for o in out) < batch:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = min(batch - sum(len(o) for o in out), n - offset)
+        out.append(perm[offset : offset + take])
+        pos += take
+    return torch.cat(out)
+
+
+class MemoryBatches:
+    """uint8 images held in memory; no augmentation (the digits must not be flipped)."""
+
+    def __init__(self, images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int):
+        self.images, self.labels, self.batch_size, self.seed = images_u8, labels, batch_size, seed
+
+    def get(self, step: int, rank: int = 0, world: int = 1) -> Batch:
+        idx = batch_indices(step, len(self.images), self.batch_size, self.seed)
+        part = idx.view(world, -1)[rank]
+        return Batch(to_model(self.images[part]), self.labels[part].clone(), index=part)
+
+
+class ShardBatches:
+    """Per-rank batches streamed from WebDataset shards, re-seeded every `segment` steps (exact resume)."""
+
+    def __init__(self, directory: str | Path, split: str, batch_size: int, seed: int, segment: int, *,
+                 rank: int = 0, world: int = 1, workers: int = 0, shuffle_buffer: int = 1000, flip: bool = True):
+        from .shards import load_manifest
+
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} does not split over {world} processes")
+        self.directory, self.split, self.seed, self.segment = Path(directory), split, seed, segment
+        self.rank, self.world, self.workers, self.shuffle_buffer, self.flip = rank, world, workers, shuffle_buffer, flip
+        self.per_rank = batch_size // world
+        manifest = load_manifest(self.directory)
+        self.latent = "mean.npy" in manifest.get("members", [])
+        self.has_pixels = "png" in manifest.get("members", ["png"])
+        self._segment: int | None = None
+        self._it: Iterator[dict] | None = None
+        self._next_step = -1
+
+    def _open(self, segment: int) -> None:
+        from .loader import make_loader
+
+        loader = make_loader(self.directory, self.split, self.per_rank, rank=self.rank, world=self.world,
+                             workers=self.workers, resampled=True, seed=self.seed * 1_000_003 + segment,
+                             shuffle_buffer=self.shuffle_buffer, batches=self.segment)
+        self._segment, self._it, self._next_step = segment, iter(loader), segment * self.segment
+
+    def get(self, step: int, rank: int | None = None, world: int | None = None) -> Batch:
+        assert rank in (None, self.rank) and world in (None, self.world), "a ShardBatches belongs to one rank"
+        segment = step // self.segment
+        if segment != self._segment or step < self._next_step:
+            self._open(segment)
+        while self._next_step < step:  # only after an unusual resume point: replay within the segment
+            next(self._it)
+            self._next_step += 1
+        raw = next(self._it)
+        self._next_step += 1
+        b = len(raw["label"])
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 4099 + self.rank)
+        flip = (torch.rand(b, generator=g) < 0.5) if self.flip else torch.zeros(b, dtype=torch.bool)
+        pixels = raw.get("image")
+        if pixels is not None:
+            pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
+        if self.latent:
+            x = raw["mean"][torch.arange(b), flip.long()].float()  # the stored encoding of the image or its flip
+        else:
+            x = to_model(pixels)
+        return Batch(x, raw["label"], pixels=pixels)
