@@ -4,6 +4,7 @@ Labels are interleaved (0, 1, ..., K-1, 0, 1, ...) so every chunk, and any prefi
 Chunk c is drawn with its own generator seeded by (seed, c) and saved atomically as chunks/c.npz; a re-run skips
 the chunks already on disk, so a killed run loses at most one chunk and never duplicates or drops an image. The
 chunk directory records a key (checkpoint hash + sampling settings); chunks made under another key are discarded.
+Under torchrun, rank r makes chunks r, r + world, ... on its own GPU; rank 0 assembles them once all are done.
 """
 
 from __future__ import annotations
@@ -40,16 +41,27 @@ def generate(
     decode=None,
     key: str = "",
 ) -> tuple[np.ndarray, float]:
-    """Generate images for `labels` (uint8 NHWC) through chunk files; returns (images, seconds spent generating)."""
+    """Generate images for `labels` (uint8 NHWC) through chunk files; returns (images, seconds spent generating).
+
+    In a torch.distributed run every rank makes its share of the chunks; rank 0 returns all images, the others an
+    empty array."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
     chunk_dir = Path(chunk_dir)
     key_file = chunk_dir / "KEY"
-    if chunk_dir.exists() and (not key_file.exists() or key_file.read_text() != key):
-        shutil.rmtree(chunk_dir)
-    write_bytes(key_file, key.encode())
+    if rank == 0:
+        if chunk_dir.exists() and (not key_file.exists() or key_file.read_text() != key):
+            shutil.rmtree(chunk_dir)
+        write_bytes(key_file, key.encode())
+    if world > 1:
+        dist.barrier()  # nobody writes a chunk before stale ones are gone
     device = next(model.parameters()).device
     n_chunks = math.ceil(len(labels) / batch_size)
     seconds = 0.0
-    for c in tqdm(range(n_chunks), desc="sample", unit="chunk", disable=not show_progress):
+    mine = range(rank, n_chunks, world)
+    for c in tqdm(mine, desc="sample", unit="chunk", disable=not show_progress or rank != 0):
         path = chunk_dir / f"{c:06d}.npz"
         want = labels[c * batch_size : (c + 1) * batch_size]
         if path.exists():
@@ -66,6 +78,10 @@ def generate(
             x = decode(x)
         save_npz(path, arr_0=nchw_to_nhwc(to_uint8(x)).cpu().numpy(), arr_1=want)
         seconds += time.perf_counter() - t0
+    if world > 1:
+        dist.barrier()
+        if rank != 0:
+            return np.zeros((0,), np.uint8), seconds
     images = np.concatenate([load_npz(chunk_dir / f"{c:06d}.npz")["arr_0"] for c in range(n_chunks)])
     return images, seconds
 

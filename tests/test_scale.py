@@ -154,6 +154,7 @@ def _tiny_params(d: Path, steps: int) -> Path:
     raw["model"].update(width=16, layers=1, head_dim=8, mlp_ratio=1, blocks=2)
     raw["train"].update(steps=steps, batch_size=8, warmup_steps=1, checkpoint_every=4, log_every=1, threads=1)
     raw["experiments"] = {"baseline": {"strategy": "none"}, "rrepa": {"strategy": "reverse", "position": "2"}}
+    raw["sample"].update(per_class=6, batch_size=10, device="cpu")  # 60 images in 6 chunks
     raw["encoder"]["train"].update(steps=2)
     path = d / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -168,7 +169,7 @@ def _run(*args, env=None):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_train_what_one_process_trains(tmp_path):
+def test_torchrun_two_ranks_train_and_sample_what_one_process_does(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         d.mkdir()
@@ -191,6 +192,18 @@ def test_torchrun_two_ranks_train_what_one_process_trains(tmp_path):
         assert load_json(two / "results" / "runs" / exp / "train.json")["processes"] == 2
         log = (two / "results" / "runs" / exp / "dvclive" / "plots" / "metrics" / "train" / "bpd.tsv").read_text()
         assert log.splitlines()[0] == "step\tbpd" and len(log.splitlines()) == 7  # one row per step, no duplicates
+
+    # sampling sharded over two ranks (chunks 0, 2, 4 and 1, 3, 5) gives the one-process images, from the same model
+    import shutil
+
+    shutil.copy(one / "results" / "runs" / "baseline" / "model.pt", two / "results" / "runs" / "baseline" / "model.pt")
+    _run("stages.sample", "--params", str(one / "params.yaml"), "--experiment", "baseline", "--quiet")
+    _run("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stages.sample", "--params",
+         str(two / "params.yaml"), "--experiment", "baseline", "--quiet")
+    sa = np.load(one / "results" / "runs" / "baseline" / "samples.npz")
+    sb = np.load(two / "results" / "runs" / "baseline" / "samples.npz")
+    assert sb["arr_0"].shape == (60, 16, 16, 1) and np.array_equal(sa["arr_1"], sb["arr_1"])
+    assert np.array_equal(sa["arr_0"], sb["arr_0"])
 
 
 def test_dvclive_log_is_rebuilt_on_resume(tmp_path):
