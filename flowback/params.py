@@ -250,6 +250,19 @@ class ExperimentParams(Strict):
     strategy: Literal["none", "forward", "detach", "reverse"] = "none"
     position: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict, description="deep-merged over the top-level params")
+    paper: str | None = Field(None, description="the paper's row this reproduces, e.g. ablation/reverse_78")
+
+    @field_validator("paper")
+    @classmethod
+    def _known_row(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .paper import row
+
+            try:
+                row(v)
+            except KeyError as e:
+                raise ValueError(e.args[0]) from None
+        return v
 
     @model_validator(mode="after")
     def _position_needs_strategy(self) -> "ExperimentParams":

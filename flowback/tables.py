@@ -52,3 +52,54 @@ def to_markdown(df: pd.DataFrame, title: str, note: str = "") -> str:
     if missing:
         lines += [f"{MISSING}: not run or not computed ({missing} cells).", ""]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ paper comparison
+PAPER_COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("is", "IS"), ("acc", "Acc. (%)")]
+
+
+def paper_frame(rows: list[dict]) -> pd.DataFrame:
+    """rows: {experiment, paper ('table/row' or None), metrics} -> one record per mapped experiment, with our value,
+    the paper's and the difference (ours - paper) per metric; NaN where either side is missing."""
+    from .paper import TABLES, row
+
+    records = []
+    for r in rows:
+        if not r.get("paper"):
+            continue
+        table, _, name = r["paper"].partition("/")
+        ref, ours = row(r["paper"]), r.get("metrics") or {}
+        rec = {"Table": table, "Paper row": ref["label"], "Experiment": r["experiment"]}
+        for key, col in PAPER_COLUMNS:
+            mine = ours.get(key)
+            mine = float(mine) if mine is not None else float("nan")
+            theirs = float(ref[key]) if ref.get(key) is not None else float("nan")
+            rec[col], rec[f"{col} paper"], rec[f"{col} delta"] = mine, theirs, mine - theirs
+        records.append(rec)
+    order = {t: i for i, t in enumerate(TABLES)}
+    df = pd.DataFrame.from_records(records)
+    return df.sort_values("Table", key=lambda s: s.map(order), kind="stable") if len(df) else df
+
+
+def paper_markdown(df: pd.DataFrame, note: str = "") -> str:
+    """One section per paper table; each cell `ours / paper (ours - paper)`, a dash where a side is missing."""
+    from .paper import TABLES
+
+    def cell(rec, col):
+        mine, theirs, delta = rec[col], rec[f"{col} paper"], rec[f"{col} delta"]
+        if pd.isna(mine) and pd.isna(theirs):
+            return MISSING
+        text = f"{MISSING if pd.isna(mine) else f'{mine:.2f}'} / {MISSING if pd.isna(theirs) else f'{theirs:.2f}'}"
+        return text + ("" if pd.isna(delta) else f" ({delta:+.2f})")
+
+    lines = ["# Against the paper's numbers", "", "Each cell: ours / paper (ours - paper); "
+             f"{MISSING} = not run, not computed or not reported.", ""]
+    if note:
+        lines += [note, ""]
+    if not len(df):
+        return "\n".join(lines + ["No experiment of this profile names a paper row (`paper:` in params.yaml).", ""])
+    for table, part in df.groupby("Table", sort=False):
+        shown = pd.DataFrame({"Paper row": part["Paper row"], "Experiment": part["Experiment"],
+                              **{col: [cell(rec, col) for _, rec in part.iterrows()] for _, col in PAPER_COLUMNS}})
+        lines += [f"## {TABLES[table]['title']}", "", shown.to_markdown(index=False, disable_numparse=True), ""]
+    return "\n".join(lines)
