@@ -108,12 +108,16 @@ class EncoderParams(Strict):
 
 
 class MetricParams(Strict):
-    """Feature network for FID / sFID / IS / precision-recall, and the reference split."""
+    """Feature network for FID / sFID / IS / precision-recall, and the reference images (a split or an ADM batch)."""
 
     network: Literal["digitnet", "inception"] = "digitnet"
     dir: str = "results/encoders/metric"
     train: TrainSpec | None = None
     reference_split: Literal["train", "val"] = "train"
+    reference_batch: str | None = Field(
+        None, min_length=1, description="an ADM reference batch .npz (e.g. VIRTUAL_imagenet64_labeled.npz): FID/sFID "
+                                        "use its mu/sigma/mu_s/sigma_s, precision/recall its arr_0 images; "
+                                        "replaces reference_split")
     isc_splits: int = Field(10, ge=1)
     prc_neighborhood: int = Field(3, ge=1)
     batch_size: int = Field(256, ge=1)

@@ -42,13 +42,14 @@ def tiny_params(tmp: Path) -> Path:
 
 @pytest.mark.slow
 def test_every_stage_runs_and_the_table_marks_what_was_not_run(tmp_path):
-    from stages import encoder, evaluate, metricnet, prepare, sample, table, train
+    from stages import encoder, evaluate, metricnet, prepare, reference, sample, table, train
 
     p = str(tiny_params(tmp_path))
     common = ["--params", p, "--quiet"]
     prepare.main(common)
     encoder.main(common)
     metricnet.main(common)
+    reference.main(common)  # once, for every experiment's evaluate
     for exp in ("baseline", "reverse_78"):  # forward_12 deliberately not run
         train.main(common + ["--experiment", exp])
         sample.main(common + ["--experiment", exp])
@@ -63,6 +64,10 @@ def test_every_stage_runs_and_the_table_marks_what_was_not_run(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("fid", "sfid", "is", "precision", "recall", "acc"):
         assert np.isfinite(metrics[key]), key
+    assert metrics["reference"] == "digits/train"
+    ref_report = json.loads((tmp_path / "metric" / "reference.json").read_text())
+    assert ref_report["count"] == 1438 and ref_report["source"] == "digits/train"
+    assert (tmp_path / "metric" / "reference" / "digits-train.npz").exists()
     train_log = pd.read_csv(run / "train_log.csv")
     assert list(train_log["step"]) == [1, 2, 3] and train_log["align"].abs().gt(0).all()
 
@@ -162,7 +167,8 @@ def test_snakemake_dry_run_lists_the_grid():
     for name in experiments:
         assert f"results/runs/{name}/metrics.json" in out
     n = len(experiments)
-    for rule, count in (("train", n), ("sample", n), ("evaluate", n), ("ablation_table", 1), ("prepare", 1)):
+    for rule, count in (("train", n), ("sample", n), ("evaluate", n), ("ablation_table", 1), ("prepare", 1),
+                        ("reference", 1)):
         assert re.search(rf"^{rule}\s+{count}$", out, re.MULTILINE), rule
 
 
@@ -174,3 +180,5 @@ def test_dvc_expands_the_same_registry():
     for name in experiments:
         for stage in ("train", "sample", "evaluate"):
             assert f"{stage}@{name}" in r.stdout
+    assert re.search(r"^reference\s", r.stdout, re.MULTILINE)  # one stage, not one per experiment
+    assert "reference@" not in r.stdout

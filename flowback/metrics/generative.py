@@ -7,6 +7,8 @@ InceptionFeatures from inception.py in the paper profiles).
 - IS: torch-fidelity's `isc_features_to_metric` on "logits" with shuffle=False, i.e. ADM's in-order splits.
 - Precision / recall: torch-fidelity's `prc_features_to_metric` on "pool" with k = `prc_neighborhood` (ADM: 3);
   convention: the first argument is the generated set, the second the reference (real) set.
+The reference side can also come from stored statistics (`metrics_from_reference`; reference.py computes and saves
+them once per reference, as the ADM suite's reference batches hold them).
 """
 
 from __future__ import annotations
@@ -68,17 +70,29 @@ def _check(feats: dict, name: str, keys: tuple[str, ...]) -> None:
 
 def generative_metrics(sample_feats: dict, ref_feats: dict, isc_splits: int = 10, prc_neighborhood: int = 3,
                        prc_batch_size: int = 10000) -> dict[str, float]:
-    """{"fid", "sfid", "is", "is_std", "precision", "recall"} of samples against the reference set."""
-    _check(sample_feats, "sample", FEATURE_KEYS)
+    """{"fid", "sfid", "is", "is_std", "precision", "recall"} of samples against the reference set's features."""
     _check(ref_feats, "reference", ("pool", "spatial"))
+    mu, sigma = gaussian_stats(ref_feats["pool"])
+    mu_s, sigma_s = gaussian_stats(ref_feats["spatial"])
+    return metrics_from_reference(sample_feats, mu, sigma, mu_s, sigma_s, ref_feats["pool"], isc_splits=isc_splits,
+                                  prc_neighborhood=prc_neighborhood, prc_batch_size=prc_batch_size)
+
+
+def metrics_from_reference(sample_feats: dict, mu: np.ndarray, sigma: np.ndarray, mu_s: np.ndarray,
+                           sigma_s: np.ndarray, ref_pool: np.ndarray | torch.Tensor, isc_splits: int = 10,
+                           prc_neighborhood: int = 3, prc_batch_size: int = 10000) -> dict[str, float]:
+    """The same metrics against stored reference statistics (reference.py): pool (mu, sigma) for FID, spatial
+    (mu_s, sigma_s) for sFID, pool features `ref_pool` for precision/recall - ADM's evaluator takes the first two
+    from its reference batch file and computes the last from the batch's images."""
+    _check(sample_feats, "sample", FEATURE_KEYS)
     logits = torch.as_tensor(sample_feats["logits"])
     if logits.shape[0] < isc_splits:
         raise ValueError(f"IS needs at least isc_splits={isc_splits} samples, got {logits.shape[0]}")
-    fid = frechet_distance(*gaussian_stats(sample_feats["pool"]), *gaussian_stats(ref_feats["pool"]))
-    sfid = frechet_distance(*gaussian_stats(sample_feats["spatial"]), *gaussian_stats(ref_feats["spatial"]))
+    fid = frechet_distance(*gaussian_stats(sample_feats["pool"]), mu, sigma)
+    sfid = frechet_distance(*gaussian_stats(sample_feats["spatial"]), mu_s, sigma_s)
     isc = isc_features_to_metric(logits, splits=isc_splits, shuffle=False)
     prc = prc_features_to_metric(
-        torch.as_tensor(sample_feats["pool"]).float(), torch.as_tensor(ref_feats["pool"]).float(),
+        torch.as_tensor(sample_feats["pool"]).float(), torch.as_tensor(ref_pool).float(),
         prc_neighborhood=prc_neighborhood, prc_batch_size=prc_batch_size, save_cpu_ram=True, verbose=False,
     )
     return {
