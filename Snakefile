@@ -1,12 +1,25 @@
 # Snakemake view of the same pipeline as dvc.yaml: the experiment registry comes from params.yaml and every rule
 # runs the same `python -m stages.X` command. `snakemake -j8 ablation_table` runs the ablation grid;
 # per-experiment jobs declare `threads: 1` and pass it to torch through OMP_NUM_THREADS so parallel jobs share cores.
+from pathlib import Path
+
 configfile: "params.yaml"
 
 RESULTS = config["results"]
 DATA = f"results/data/{config['data']['dataset']}"
 ENCODER = config["encoder"]["dir"]
 METRICNET = config["metrics"]["dir"]
+# The reference statistics (stages.reference); the name follows flowback.metrics.reference.reference_name:
+# an ADM reference batch's file stem, else <dataset>-<split>.
+_REF_BATCH = config["metrics"].get("reference_batch")
+REFERENCE_NAME = (Path(_REF_BATCH).stem if _REF_BATCH
+                  else f"{config['data']['dataset']}-{config['metrics'].get('reference_split', 'train')}")
+REFERENCE = f"{METRICNET}/reference/{REFERENCE_NAME}.npz"
+# The metric network's weights: trained by the metricnet rule (DigitNet), or converted by it from the Inception file
+# `flowback weights fetch` put in metrics.dir: model.safetensors either way.
+METRIC_WEIGHTS = METRICNET + "/model.safetensors"
+# How train and sample start: `python`, or `torchrun --standalone --nproc_per_node N` (DDP) in the paper profiles.
+LAUNCHER = config.get("launcher", "python")
 EXPERIMENTS = list(config["experiments"])
 RUN = RESULTS + "/runs/{experiment}"
 
@@ -21,6 +34,8 @@ rule ablation_table:
         RESULTS + "/tables/ablation.md",
         RESULTS + "/tables/ablation.csv",
         RESULTS + "/tables/training_curves.png",
+        RESULTS + "/tables/paper.md",
+        RESULTS + "/tables/paper.csv",
     shell:
         "python -m stages.table --quiet"
 
@@ -52,6 +67,17 @@ rule metricnet:
         "python -m stages.metricnet --quiet"
 
 
+rule reference:
+    input:
+        DATA + "/manifest.json",
+        METRIC_WEIGHTS,
+    output:
+        REFERENCE,
+        METRICNET + "/reference.json",
+    shell:
+        "python -m stages.reference --quiet"
+
+
 rule train:
     input:
         DATA + "/manifest.json",
@@ -62,7 +88,7 @@ rule train:
         RUN + "/train_log.csv",
     threads: 1
     shell:
-        "OMP_NUM_THREADS={threads} python -m stages.train --experiment {wildcards.experiment} --quiet"
+        f"OMP_NUM_THREADS={{threads}} {LAUNCHER} -m stages.train --experiment {{wildcards.experiment}} --quiet"
 
 
 rule sample:
@@ -74,13 +100,14 @@ rule sample:
         RUN + "/sample.json",
     threads: 1
     shell:
-        "OMP_NUM_THREADS={threads} python -m stages.sample --experiment {wildcards.experiment} --quiet"
+        f"OMP_NUM_THREADS={{threads}} {LAUNCHER} -m stages.sample --experiment {{wildcards.experiment}} --quiet"
 
 
 rule evaluate:
     input:
-        DATA + "/manifest.json",
-        METRICNET + "/model.safetensors",
+        DATA + "/manifest.json",  # the classifier's split
+        METRIC_WEIGHTS,
+        REFERENCE,
         RUN + "/model.pt",
         RUN + "/samples.npz",
     output:

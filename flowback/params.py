@@ -287,6 +287,8 @@ class Params(Strict):
     align: AlignParams = AlignParams()
     sample: SampleParams = SampleParams()
     results: str = "results"
+    launcher: str = Field("python", min_length=1, description="how dvc/snakemake start train and sample: python, "
+                                                             "or torchrun --standalone --nproc_per_node 8 for DDP")
     experiments: dict[str, ExperimentParams] = Field(default_factory=lambda: {"baseline": ExperimentParams()})
 
     @field_validator("experiments")

@@ -20,9 +20,12 @@ from flowback.stage import run_stage
 
 def body(params, _exp, args):
     ep, cfg = params.encoder, encoder_config(params.encoder)
-    if ep.train is None:
-        enc = load_encoder(ep.dir, fallback=cfg)
-        print(f"encoder {cfg.arch} loads from {ep.dir}: {enc.dim}-d patch features")
+    if ep.train is None:  # fetched (`flowback weights fetch`): check it loads and runs, record what it is
+        enc = load_encoder(ep.dir, allow_hub=False)
+        x = torch.zeros(1, enc.in_chans, enc.cfg.input_size, enc.cfg.input_size)
+        grid = enc(x).shape[1]
+        save_json(f"{ep.dir}/metrics.json", {"source": ep.hub or ep.arch, "dim": enc.dim, "grid": grid})
+        print(f"encoder {enc.cfg.arch} loads from {ep.dir}: {grid}x{grid} patches of {enc.dim}-d features")
         return
     images, labels = (torch.from_numpy(a) for a in load_split(params, "train"))
     val_images, val_labels = (torch.from_numpy(a) for a in load_split(params, "val"))

@@ -1,9 +1,11 @@
-"""Stage `metricnet`: train the default profile's metric feature network (DigitNet) on the real training images.
+"""Stage `metricnet`: the metric feature network every later stage loads from `{metrics.dir}/model.safetensors`.
 
     python -m stages.metricnet [--params params.yaml] [--quiet]
 
-Writes `{metrics.dir}/model.safetensors`, `config.json` and `metrics.json` {"train_acc", "val_acc", "steps",
-"seconds"}. Profiles whose metric network is fetched rather than trained (metrics.train: null) must not run it.
+- digitnet (the default profile): trained on the real training images; writes model.safetensors, config.json and
+  metrics.json {"train_acc", "val_acc", "steps", "seconds"}.
+- inception (paper profiles): converts the file `flowback weights fetch` put in metrics.dir (loaded with
+  weights_only=True) to model.safetensors, checks it runs, and writes config.json and metrics.json.
 """
 
 from __future__ import annotations
@@ -44,6 +46,19 @@ def train_metricnet(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
 
 def body(params, _exp, args) -> None:
     m = params.metrics
+    if m.network == "inception":
+        import torch
+
+        from flowback.metrics.inception import FEATURE_DIMS, load_inception, save_for_pipeline
+
+        path = save_for_pipeline(m.dir)
+        feats = load_inception(m.dir).features(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+        dims = {k: int(v.shape[1]) for k, v in feats.items()}
+        if dims != FEATURE_DIMS:
+            raise ParamsError(f"metrics.dir: {path} gives features {dims}, expected {FEATURE_DIMS}")
+        save_json(Path(m.dir) / REPORT_FILE, {"network": "inception", "feature_dims": dims})
+        print(f"metricnet: Inception-v3 (torch-fidelity) ready in {path}: features {dims}")
+        return
     if m.network != "digitnet" or m.train is None:
         raise ParamsError(f"metrics: this profile does not train its metric network (network = {m.network!r}, "
                           f"train = {m.train}); it must provide the network's weights in metrics.dir = {m.dir!r}, "

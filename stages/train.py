@@ -36,33 +36,56 @@ def write_log(path, rows):
 class LiveLog:
     """dvclive metrics and plots under run_dir/dvclive (`dvc plots show`), with the training throughput.
 
-    The first call of a process rewrites the directory from the whole log (which the resume state carries), later
-    calls append the new row: a resumed run never shows the steps lost after its last checkpoint twice.
+    One dvclive `Live` per process. Its first call rewrites the directory from the whole log (which the resume
+    state carries), later calls append the new row: a resumed run never shows the steps lost after its last
+    checkpoint twice. Logging never stops training: if dvclive fails (e.g. parallel runs racing on its VS Code
+    signal file in .dvc/tmp), the error is reported once and train_log.csv still gets every row.
     """
 
     def __init__(self, directory, images_per_row: int):
         self.directory, self.images_per_row = directory, images_per_row
-        self.synced, self.last = False, None
+        self.live, self.last, self.failed = None, None, False
 
     def __call__(self, log: list[dict]) -> None:
-        import shutil
         import time
+
+        if self.failed:
+            return
+        now = time.perf_counter()
+        try:
+            rows = log[-1:]
+            if self.live is None:
+                self.live, rows = self._open(), log
+            for row in rows:
+                self.live.step = row["step"]
+                for k in ("loss", "bpd", "align", "lr", "grad_norm"):
+                    self.live.log_metric(f"train/{k}", row[k])
+                if self.last is not None and row is log[-1]:
+                    self.live.log_metric("train/images_per_second", self.images_per_row / (now - self.last))
+                self.live.next_step()
+        except Exception as e:  # noqa: BLE001 - a logger must not end a multi-day run
+            self._fail(e)
+        self.last = now
+
+    def _open(self):
+        import shutil
 
         from dvclive import Live
 
-        now = time.perf_counter()
-        if not self.synced:
-            shutil.rmtree(self.directory, ignore_errors=True)
-        rows = log if not self.synced else log[-1:]
-        with Live(str(self.directory), resume=self.synced, save_dvc_exp=False, dvcyaml=None, report=None) as live:
-            for row in rows:
-                live.step = row["step"]
-                for k in ("loss", "bpd", "align", "lr", "grad_norm"):
-                    live.log_metric(f"train/{k}", row[k])
-                if self.last is not None and row is log[-1]:
-                    live.log_metric("train/images_per_second", self.images_per_row / (now - self.last))
-                live.next_step()
-        self.synced, self.last = True, now
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return Live(str(self.directory), save_dvc_exp=False, dvcyaml=None, report=None)
+
+    def _fail(self, e: Exception) -> None:
+        self.failed = True
+        print(f"warning: dvclive logging stopped ({type(e).__name__}: {e}); train_log.csv still has every row")
+
+    def close(self) -> None:
+        if self.live is not None and not self.failed:
+            try:
+                self.live.end()
+            except Exception as e:  # noqa: BLE001
+                self._fail(e)
+        self.live = None
 
 
 def body(params, exp, args):
@@ -85,8 +108,12 @@ def body(params, exp, args):
     if exp.strategy != "none":
         encoder = load_encoder(params.encoder.dir, fallback=encoder_config(params.encoder))
     state = run_dir / ".resume" / "state.pt"
-    result = train(exp, images, labels, state, encoder, show_progress=not args.quiet, batches=batches,
-                   on_log=LiveLog(run_dir / "dvclive", p.train.log_every * p.train.batch_size))
+    live = LiveLog(run_dir / "dvclive", p.train.log_every * p.train.batch_size)
+    try:
+        result = train(exp, images, labels, state, encoder, show_progress=not args.quiet, batches=batches,
+                       on_log=live)
+    finally:
+        live.close()
     if rank != 0:
         return
     save_flow(run_dir / "model.pt", result.model, experiment=exp.name, strategy=exp.strategy,

@@ -213,9 +213,23 @@ def test_dvclive_log_is_rebuilt_on_resume(tmp_path):
     rows = [{"step": s, "loss": 1.0 / s, "bpd": 2.0, "align": 0.0, "lr": 1e-3, "grad_norm": 1.0} for s in range(1, 6)]
     for k in range(1, 6):
         live(rows[:k])  # a run that logged steps 1..5, then was killed after its checkpoint at step 3
+    live.live = None  # killed: never closed
     resumed = LiveLog(tmp_path / "dvclive", images_per_row=8)
     for k in range(4, 7):  # the resumed process continues from the state's log (steps 1..3)
         resumed((rows[:3] + [dict(rows[0], step=s) for s in range(4, 7)])[:k])
+    resumed.close()
     tsv = (tmp_path / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in tsv] == ["step", "1", "2", "3", "4", "5", "6"]
     assert (tmp_path / "dvclive" / "plots" / "metrics" / "train" / "images_per_second.tsv").exists()
+    assert load_json(tmp_path / "dvclive" / "metrics.json")["step"] == 6 and not resumed.failed
+
+
+def test_a_failing_logger_does_not_stop_training(tmp_path, capsys):
+    from stages.train import LiveLog
+
+    live = LiveLog(tmp_path / "dvclive", images_per_row=8)
+    live._open = lambda: (_ for _ in ()).throw(FileNotFoundError("DVCLIVE_STEP_COMPLETED"))
+    images = torch.randint(0, 256, (16, 1, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    result = train(experiment(3), images, torch.arange(16) % 10, tmp_path / "s.pt", show_progress=False, on_log=live)
+    assert result.steps == 3 and len(result.log) == 3 and live.failed
+    assert capsys.readouterr().out.count("dvclive logging stopped") == 1

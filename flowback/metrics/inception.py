@@ -92,10 +92,45 @@ class InceptionFeatures(nn.Module):
         return self.features(x_u8)["logits"]
 
 
-def load_inception(directory: str | Path) -> InceptionFeatures:
-    """Inception from `directory`/INCEPTION_FILE (loaded with weights_only=True); errors name the directory."""
+PIPELINE_FILE = "model.safetensors"  # what the metricnet stage writes: the same tensors, no pickle format at all
+
+
+def save_for_pipeline(directory: str | Path) -> Path:
+    """Convert the fetched torch-fidelity file into `directory`/model.safetensors (what every stage then loads).
+
+    The pipeline's metric network is always `{metrics.dir}/model.safetensors`, trained (DigitNet) or converted
+    (Inception), so DVC tracks one file either way and evaluation never reads a pickle-format file."""
+    from safetensors.torch import save_file
+
+    from ..io import atomic_path, save_json, sha256_file
+
     directory = Path(directory)
-    path = directory / INCEPTION_FILE
+    state = _load_state(directory / INCEPTION_FILE)
+    with atomic_path(directory / PIPELINE_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    save_json(directory / "config.json", {"network": "inception", "converted_from": INCEPTION_FILE,
+                                          "sha256": sha256_file(directory / INCEPTION_FILE)})
+    return directory / PIPELINE_FILE
+
+
+def load_inception(directory: str | Path) -> InceptionFeatures:
+    """Inception from `directory`: model.safetensors (written by the metricnet stage) if present, else the fetched
+    INCEPTION_FILE loaded with weights_only=True; errors name the directory."""
+    directory = Path(directory)
+    if (directory / PIPELINE_FILE).exists():
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(directory / PIPELINE_FILE))
+        except Exception as e:
+            raise FlowBackFileError(f"{directory / PIPELINE_FILE}: not a safetensors file ({type(e).__name__}: "
+                                    f"{e}); re-run `python -m stages.metricnet`") from e
+        return _build(directory / PIPELINE_FILE, state)
+    return _build(directory / INCEPTION_FILE, _load_state(directory / INCEPTION_FILE))
+
+
+def _load_state(path: Path) -> dict:
+    directory = path.parent
     if not path.exists():
         raise FlowBackFileError(f"{directory}: no Inception weights ({INCEPTION_FILE}); {_FETCH_HINT}")
     try:
@@ -108,6 +143,10 @@ def load_inception(directory: str | Path) -> InceptionFeatures:
                                 f"{_FETCH_HINT}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise FlowBackFileError(f"{path}: not a state dict of tensors; {_FETCH_HINT}")
+    return state
+
+
+def _build(path: Path, state: dict) -> InceptionFeatures:
     try:
         net = _torch_fidelity_inception(state)
     except Exception as e:  # torch raises RuntimeError on missing / mismatched keys
