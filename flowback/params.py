@@ -51,7 +51,8 @@ class DataParams(Strict):
     max_per_class: int | None = Field(None, ge=1, description="imagenet: keep the first N images of each class")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="digits only: share of each class held out")
     shard_size: int = Field(512, ge=1)
-    workers: int = Field(0, ge=0, description="processes decoding images; 0 = all cores, 1 = this process only")
+    workers: int = Field(0, ge=0, description="processes decoding images; 0 = every core this process may use "
+                                              "(its CPU affinity, e.g. what SLURM gave the job), 1 = this process only")
     skip_undecodable: bool = Field(False, description="skip (and count) source images that do not decode")
     encode_batch_size: int = Field(64, ge=1, description="latent: images per VAE forward pass")
     keep_pixels: bool = Field(True, description="latent: also store the crop as PNG (the alignment encoder's input)")

@@ -53,7 +53,7 @@ def encode(params: Params, show_progress: bool = True) -> dict:
     wnids, refs = list_imagenet(d.source, d.num_classes, d.max_per_class)
     if rank == 0:
         (directory / MANIFEST).unlink(missing_ok=True)
-    build = LatentShardBuilder(codec, dev, d.workers or os.cpu_count() or 1)
+    build = LatentShardBuilder(codec, dev, d.workers or len(os.sched_getaffinity(0)))
     jobs = {split: make_jobs(split, r, d.shard_size, settings) for split, r in refs.items()}
     for split, split_jobs in jobs.items():
         write_jobs(directory, split, split_jobs, build, workers=0, show_progress=show_progress and rank == 0,

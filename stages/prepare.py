@@ -46,7 +46,7 @@ def prepare(params: Params, show_progress: bool = True) -> dict:
         (directory / MANIFEST).unlink(missing_ok=True)
         splits = {split: write_imagenet_split(directory, split, r, image_size=d.image_size, resize=d.resize,
                                               shard_size=d.shard_size, num_classes=d.num_classes,
-                                              workers=d.workers or os.cpu_count() or 1,
+                                              workers=d.workers or len(os.sched_getaffinity(0)),
                                               skip_undecodable=d.skip_undecodable, show_progress=show_progress)
                   for split, r in refs.items()}
         extra = {"shard_size": d.shard_size, "source": str(d.source), "wnids": wnids}
