@@ -279,6 +279,11 @@ def test_corrupted_imagenet_shard_names_shard_and_sample(prepared, tmp_path):
     with pytest.raises(FlowBackFileError, match=rf"train-000002.tar: sample '{key}'"):
         for _ in make_loader(d, "train", 4, resampled=False):
             pass
+    # a truncated shard read by the streaming loader: an error naming the shard, not a shorter epoch
+    (d / "train-000001.tar").write_bytes((d / "train-000001.tar").read_bytes()[:1500])
+    with pytest.raises(FlowBackFileError, match=r"train-000001.tar"):  # cut inside a sample: its .png is missing
+        for _ in make_loader(d, "train", 4, resampled=False):
+            pass
 
 
 # ----------------------------------------------------------------------------------------------------- loader

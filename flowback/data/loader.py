@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from ..io import FlowBackFileError
 from .shards import _BadMember, decode_sample, load_manifest, members_of
 
 
@@ -102,8 +103,21 @@ class ShardStream(torch.utils.data.IterableDataset):
             wds.tariterators.tar_file_expander(files, handler=wds.reraise_exception, select_files=select),
             handler=wds.reraise_exception)
 
+    def _decoded(self) -> Iterator[dict[str, Any]]:
+        """Decoded samples; a damaged tar is an error naming the shard (webdataset appends it), never a skip."""
+        try:
+            for raw in self._raw():
+                yield decode_sample(raw, raw.get("__url__", "?"), **self.check)
+        except FlowBackFileError:
+            raise
+        except _BadMember as e:
+            raise FlowBackFileError(e.message) from None
+        except Exception as e:  # tarfile.ReadError, OSError, ValueError (duplicate member)...
+            detail = " ".join(str(a) for a in e.args)
+            raise FlowBackFileError(f"truncated or corrupted shard ({type(e).__name__}: {detail})") from e
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        samples = (decode_sample(raw, raw.get("__url__", "?"), **self.check) for raw in self._raw())
+        samples = self._decoded()
         if self.shuffle_buffer > 1:
             worker, _ = _worker()
             samples = _shuffle(samples, self.shuffle_buffer, f"{self.seed}|{self.rank}|{worker}|{self.source.epoch}")

@@ -11,7 +11,6 @@ scaled VAE posterior means of the latent shards (the un-flipped view, `read_late
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -65,7 +64,7 @@ def classifier_accuracy(
 def classifier_inputs(params: "Params", split: str) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, labels) of `split` for the classifier: uint8 images, or in latent mode (data.format latent) the
     float32 posterior means of the un-flipped images, (N, C, h, w). Refuses data prepared with other settings."""
-    from ..data.shards import load_manifest, load_split, prepared_settings, read_latents
+    from ..data.shards import check_prepared, load_split, read_latents
 
     d = params.data
     if params.model.latent is None:
@@ -73,11 +72,6 @@ def classifier_inputs(params: "Params", split: str) -> tuple[np.ndarray, np.ndar
     if d.format != "latent":
         raise FlowBackFileError(f"{d.dir}: the classifier of a latent flow (model.latent) needs VAE latent shards "
                                 f"(data.format: latent), these shards hold only pixels")
-    manifest = load_manifest(d.dir)
-    stale = [f"{k}: {manifest.get(k)!r} != params {v!r}" for k, v in prepared_settings(params).items()
-             if manifest.get(k) != v]
-    if stale:
-        raise FlowBackFileError(f"{Path(d.dir) / 'manifest.json'}: prepared with other settings ({'; '.join(stale)}); "
-                                f"re-run `python -m stages.prepare`")
+    check_prepared(params)
     latents = read_latents(d.dir, split)
     return np.ascontiguousarray(latents["mean"][:, 0], dtype=np.float32), latents["label"]
