@@ -35,6 +35,7 @@ from .alignment import AlignSpec, FrozenEncoder, Projector, alignment_features, 
 from .builders import align_spec, device as pick_device, flow_config, set_threads
 from .data.batches import MemoryBatches, batch_indices  # noqa: F401 (batch_indices: re-exported)
 from .data.images import to_model
+from .distributed import setup
 from .errors import FlowBackError
 from .io import load_torch, save_torch
 from .models import TARFlow, bits_per_dim
@@ -112,13 +113,6 @@ class Objective(nn.Module):
         return objective(self.model, self.projectors, self.spec, x, y, targets, self.weight)
 
 
-def distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) for a plain run."""
-    import os
-
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
 def train(
     exp: Experiment,
     images_u8: torch.Tensor | None,
@@ -139,14 +133,7 @@ def train(
     p = exp.params
     tp = p.train
     set_threads(tp.threads)
-    dev = pick_device(tp.device)
-    rank, world, local_rank = distributed()
-    if world > 1:
-        if dev.type == "cuda":
-            dev = torch.device("cuda", local_rank)
-            torch.cuda.set_device(dev)
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    dev, rank, world = setup(pick_device(tp.device))
     if tp.batch_size % world:
         raise TrainingError(f"train.batch_size {tp.batch_size} does not split over {world} processes")
     spec = align_spec(exp)

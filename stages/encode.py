@@ -22,13 +22,9 @@ from flowback.data.latents import MEMBERS, MEMBERS_WITH_PIXELS, LatentShardBuild
 from flowback.data.shards import (MANIFEST, collect_entries, prepared_settings, split_entry, verify, write_jobs,
                                   write_manifest)
 from flowback.data.sources import list_imagenet
+from flowback.distributed import setup
 from flowback.params import Params, ParamsError
 from flowback.stage import run_stage
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain run."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
 def encode(params: Params, show_progress: bool = True) -> dict:
@@ -36,13 +32,7 @@ def encode(params: Params, show_progress: bool = True) -> dict:
     from flowback.models.vae import LatentCodec, load_vae, vae_fingerprint
 
     d, lp = params.data, params.model.latent
-    rank, world, local_rank = dist_env()
-    dev = pick_device(params.train.device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    dev, rank, world = setup(pick_device(params.train.device))
     directory = Path(d.dir)
     codec = LatentCodec(load_vae(lp.vae_dir, dev), lp.scale, d.encode_batch_size)
     if codec.factor * (d.image_size // codec.factor) != d.image_size:

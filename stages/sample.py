@@ -24,19 +24,12 @@ from flowback.stage import run_stage
 
 
 def body(params, exp, args):
-    from flowback.training import distributed
+    from flowback.distributed import setup
 
     p = exp.params
     sp = p.sample
     set_threads(p.train.threads)
-    dev = pick_device(sp.device)
-    rank, world, local_rank = distributed()
-    if world > 1:
-        if dev.type == "cuda":
-            dev = torch.device("cuda", local_rank)
-            torch.cuda.set_device(dev)
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    dev, rank, _ = setup(pick_device(sp.device))
     run_dir = params.run_dir(exp.name)
     model, _ = load_flow(run_dir / "model.pt", expected=flow_config(p), device=dev)
     labels = balanced_labels(p.data.num_classes, sp.per_class)

@@ -89,11 +89,11 @@ class LiveLog:
 
 
 def body(params, exp, args):
-    from flowback.training import distributed
+    from flowback.distributed import env
 
     p = exp.params
     run_dir = params.run_dir(exp.name)
-    rank, world, _ = distributed()
+    rank, world, _ = env()
     batches, images, labels = None, None, None
     if p.data.dataset == "digits":
         images, labels = (torch.from_numpy(a) for a in load_split(params, "train"))
