@@ -211,8 +211,7 @@ def train(
             if targets is not None:
                 tgt = targets[batch.index.to(dev)]
             else:
-                with torch.no_grad():
-                    tgt = match_grid(encoder(to_model(batch.pixels.to(dev))), model.cfg.grid)
+                tgt = encode_targets(encoder, batch.pixels.to(dev), model.cfg.grid)
         with torch.autocast(**amp):
             loss, nll, align = objective_fn(x, y, tgt)
         stats = torch.stack([loss.detach(), nll.detach(), align.detach()]).float()

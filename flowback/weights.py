@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -246,17 +245,9 @@ def _fetch_encoder(net: Network) -> list[str]:
 
 def _fetch_vae(net: Network) -> list[str]:
     """AutoencoderKL.from_pretrained(source) saved as safetensors, through a temporary directory beside the target."""
-    from .models.vae import _LOAD_ARGS, CONFIG_FILE, _autoencoder_kl, _checked
+    from .models.vae import _LOAD_ARGS, _autoencoder_kl, _checked, save_vae
 
-    vae = _checked(_autoencoder_kl().from_pretrained(net.source, **_LOAD_ARGS))
-    d = net.directory
-    d.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=d.parent, prefix=f".{d.name}.") as tmp:
-        vae.save_pretrained(tmp, safe_serialization=True)
-        files = sorted(Path(tmp).iterdir(), key=lambda f: (f.name == CONFIG_FILE, f.name))  # config last
-        for f in files:
-            os.replace(f, d / f.name)
-    return [f.name for f in files]
+    return save_vae(_checked(_autoencoder_kl().from_pretrained(net.source, **_LOAD_ARGS)), net.directory)
 
 
 def _fetch_inception(net: Network, progress: bool) -> list[str]:

@@ -19,6 +19,7 @@ from flowback.metrics.generative import extract_features, generative_metrics, lo
 from flowback.metrics.reference import (compute_reference, load_reference, read_adm_batch, reference_fingerprint,
                                         reference_from_features, reference_path, report_path, save_reference)
 from flowback.params import ParamsError, validate
+from test_metrics import U8Dataset  # torch-fidelity's input, shared with test_metrics
 
 
 def digitnet(seed: int = 0) -> DigitNet:
@@ -228,19 +229,6 @@ def test_latent_shards_without_pixels_need_a_reference_batch(tmp_path, monkeypat
 
 
 # ------------------------------------------------------------------------------- torch-fidelity on (random) Inception
-class U8Dataset(torch.utils.data.Dataset):
-    """What torch-fidelity accepts: a Dataset yielding uint8 CHW tensors only."""
-
-    def __init__(self, images: torch.Tensor):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
-
-
 def test_fid_and_is_agree_with_torch_fidelity_on_inception(tmp_path):
     """Our path (InceptionFeatures loaded with weights_only, reference statistics saved and read back) against
     torch-fidelity's own calculate_metrics reading the same weights file; random weights, as the real ones cannot be

@@ -138,8 +138,7 @@ def save_random_vae(directory: str | Path, seed: int = 0, **config) -> Path:
     """Save a tiny randomly initialised AutoencoderKL in diffusers format. For tests: no real VAE can be downloaded.
 
     The defaults give 2 blocks (downsampling factor 2) and 4 latent channels; a longer block_out_channels gives a
-    larger factor (the block types follow its length). Files are moved in weights first, config last, so a reader never
-    sees a config without its weights.
+    larger factor (the block types follow its length). Written with `save_vae`.
     """
     n = len(config.get("block_out_channels", (8, 16)))
     cfg = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * n,
@@ -149,10 +148,18 @@ def save_random_vae(directory: str | Path, seed: int = 0, **config) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = _autoencoder_kl()(**cfg)
+    save_vae(vae, directory)
+    return Path(directory)
+
+
+def save_vae(vae: nn.Module, directory: str | Path) -> list[str]:
+    """Save in diffusers format (safetensors) through a temporary directory beside `directory`; returns the file
+    names. Files are moved in weights first, config last, so a reader never sees a config without its weights."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.") as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
-        for f in sorted(Path(tmp).iterdir(), key=lambda f: f.name == CONFIG_FILE):
+        files = sorted(Path(tmp).iterdir(), key=lambda f: (f.name == CONFIG_FILE, f.name))
+        for f in files:
             os.replace(f, directory / f.name)
-    return directory
+    return [f.name for f in files]
