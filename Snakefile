@@ -1,117 +1,105 @@
-# Snakemake view of the same pipeline as dvc.yaml: the experiment registry comes from params.yaml and every rule
-# runs the same `python -m stages.X` command. `snakemake -j8 ablation_table` runs the ablation grid;
-# per-experiment jobs declare `threads: 1` and pass it to torch through OMP_NUM_THREADS so parallel jobs share cores.
-from pathlib import Path
+# Snakemake view of the pipeline in dvc.yaml: both come from flowback.pipeline, which reads params.yaml and the
+# stages' declarations in flowback/jobs/ (same commands, same inputs, same params). `snakemake -j8 ablation_table`
+# runs the whole grid; `snakemake -j2 experiment_<name>` one experiment (every seed); another params file:
+# `snakemake --config params=profiles/imagenet64.yaml ...`.
+#
+# What reruns is decided by key files, exactly as DVC decides (see flowback/pipeline.py): each stage instance's key
+# hashes its command, the params it reads, its code and its upstream keys, and the stage writes
+# <results>/stamps/<instance>.<key>.key when it finishes (under either engine). A rule's output is that file, so a
+# changed param or code file means a missing key file: the instance and everything downstream run, in a fresh clone
+# too. Inputs are ancient() and profiles/default turns off Snakemake's metadata triggers: file times and
+# .snakemake/ history play no part. Threads come from params (runtime.threads), never from the environment.
+from flowback.pipeline import Pipeline
 
-configfile: "params.yaml"
+P = Pipeline.load(config.get("params", "params.yaml"))
+THREADS = max(1, P.params.runtime.threads)
+RUNS = P.params.runs()
+STAMPS = str(P.params.results_dir / "stamps")
 
-RESULTS = config["results"]
-DATA = f"results/data/{config['data']['dataset']}"
-ENCODER = config["encoder"]["dir"]
-METRICNET = config["metrics"]["dir"]
-# The reference statistics (stages.reference); the name follows flowback.metrics.reference.reference_name:
-# an ADM reference batch's file stem, else <dataset>-<split>.
-_REF_BATCH = config["metrics"].get("reference_batch")
-REFERENCE_NAME = (Path(_REF_BATCH).stem if _REF_BATCH
-                  else f"{config['data']['dataset']}-{config['metrics'].get('reference_split', 'train')}")
-REFERENCE = f"{METRICNET}/reference/{REFERENCE_NAME}.npz"
-# The metric network's weights: trained by the metricnet rule (DigitNet), or converted by it from the Inception file
-# `flowback weights fetch` put in metrics.dir: model.safetensors either way.
-METRIC_WEIGHTS = METRICNET + "/model.safetensors"
-# How train and sample start: `python`, or `torchrun --standalone --nproc_per_node N` (DDP) in the paper profiles.
-LAUNCHER = config.get("launcher", "python")
-EXPERIMENTS = list(config["experiments"])
-RUN = RESULTS + "/runs/{experiment}"
+
+def stamp(stage, run=None):
+    return str(P.stamp(P.instance(stage, run)))
+
+
+def needs(stage, run=None):
+    """The key files of the instances this one reads the outputs of."""
+    inst = P.instance(stage, run)
+    return [ancient(str(P.stamp(P.by_name[u]))) for u in P.upstream(inst)]
+
+
+localrules: ablation_table
+
 
 wildcard_constraints:
-    experiment="|".join(EXPERIMENTS)
+    run="|".join(RUNS) or "-",
+    key="[0-9a-f]{16}",
 
 
 rule ablation_table:
     input:
-        expand(RUN + "/metrics.json", experiment=EXPERIMENTS),
-    output:
-        RESULTS + "/tables/ablation.md",
-        RESULTS + "/tables/ablation.csv",
-        RESULTS + "/tables/training_curves.png",
-        RESULTS + "/tables/paper.md",
-        RESULTS + "/tables/paper.csv",
-    shell:
-        "python -m stages.table --quiet"
+        stamp("table"),
+
+
+for _name in P.params.experiments:
+    rule:
+        name: f"experiment_{_name}"
+        input: [stamp("evaluate", r) for r in RUNS if r.rpartition("-s")[0] == _name]
 
 
 rule prepare:
-    output:
-        DATA + "/manifest.json",
-    shell:
-        "python -m stages.prepare --quiet"
+    input: needs("prepare")
+    output: f"{STAMPS}/prepare.{{key}}.key"
+    threads: THREADS
+    shell: P.cmd(P.instance("prepare"))
 
 
 rule encoder:
-    input:
-        DATA + "/manifest.json",
-    output:
-        ENCODER + "/model.safetensors",
-        ENCODER + "/config.json",
-    shell:
-        "python -m stages.encoder --quiet"
+    input: needs("encoder")
+    output: f"{STAMPS}/encoder.{{key}}.key"
+    threads: THREADS
+    shell: P.cmd(P.instance("encoder"))
 
 
 rule metricnet:
-    input:
-        DATA + "/manifest.json",
-    output:
-        METRICNET + "/model.safetensors",
-        METRICNET + "/config.json",
-    shell:
-        "python -m stages.metricnet --quiet"
+    input: needs("metricnet")
+    output: f"{STAMPS}/metricnet.{{key}}.key"
+    threads: THREADS
+    shell: P.cmd(P.instance("metricnet"))
 
 
 rule reference:
-    input:
-        DATA + "/manifest.json",
-        METRIC_WEIGHTS,
-    output:
-        REFERENCE,
-        METRICNET + "/reference.json",
-    shell:
-        "python -m stages.reference --quiet"
+    input: needs("reference")
+    output: f"{STAMPS}/reference.{{key}}.key"
+    threads: THREADS
+    shell: P.cmd(P.instance("reference"))
 
 
 rule train:
-    input:
-        DATA + "/manifest.json",
-        ENCODER + "/model.safetensors",
-    output:
-        RUN + "/model.pt",
-        RUN + "/train.json",
-        RUN + "/train_log.csv",
-    threads: 1
-    shell:
-        f"OMP_NUM_THREADS={{threads}} {LAUNCHER} -m stages.train --experiment {{wildcards.experiment}} --quiet"
+    input: lambda w: needs("train", w.run)
+    output: f"{STAMPS}/train@{{run}}.{{key}}.key"
+    threads: THREADS
+    params: cmd=lambda w: P.cmd(P.instance("train", w.run))
+    shell: "{params.cmd}"
 
 
 rule sample:
-    input:
-        RUN + "/model.pt",
-    output:
-        RUN + "/samples.npz",
-        RUN + "/samples.png",
-        RUN + "/sample.json",
-    threads: 1
-    shell:
-        f"OMP_NUM_THREADS={{threads}} {LAUNCHER} -m stages.sample --experiment {{wildcards.experiment}} --quiet"
+    input: lambda w: needs("sample", w.run)
+    output: f"{STAMPS}/sample@{{run}}.{{key}}.key"
+    threads: THREADS
+    params: cmd=lambda w: P.cmd(P.instance("sample", w.run))
+    shell: "{params.cmd}"
 
 
 rule evaluate:
-    input:
-        DATA + "/manifest.json",  # the classifier's split
-        METRIC_WEIGHTS,
-        REFERENCE,
-        RUN + "/model.pt",
-        RUN + "/samples.npz",
-    output:
-        RUN + "/metrics.json",
+    input: lambda w: needs("evaluate", w.run)
+    output: f"{STAMPS}/evaluate@{{run}}.{{key}}.key"
+    threads: THREADS
+    params: cmd=lambda w: P.cmd(P.instance("evaluate", w.run))
+    shell: "{params.cmd}"
+
+
+rule table:
+    input: needs("table")
+    output: f"{STAMPS}/table.{{key}}.key"
     threads: 1
-    shell:
-        "OMP_NUM_THREADS={threads} python -m stages.evaluate --experiment {wildcards.experiment} --quiet"
+    shell: P.cmd(P.instance("table"))

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flowback.data.imagenet import write_imagenet_split  # noqa: E402
 from flowback.data.latents import LatentShardBuilder  # noqa: E402
-from flowback.data.shards import encode_png, write_jobs  # noqa: E402
+from flowback.data.format import encode_png  # noqa: E402
+from flowback.data.writer import write_jobs  # noqa: E402
 from flowback.data.sources import list_imagenet  # noqa: E402
 from flowback.data.transforms import crop_square, decode_rgb  # noqa: E402
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .alignment import AlignSpec, EncoderConfig
 from .models import FlowConfig, Guidance
 from .params import EncoderParams, Experiment, GuidanceParams, Params
@@ -44,16 +42,3 @@ def guidance(g: GuidanceParams) -> Guidance:
 def encoder_config(e: EncoderParams) -> EncoderConfig:
     return EncoderConfig(arch=e.arch, kwargs=dict(e.kwargs), input_size=e.input_size, mean=tuple(e.mean),
                          std=tuple(e.std))
-
-
-def device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("params ask for device 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
-def set_threads(n: int) -> None:
-    if n > 0:
-        torch.set_num_threads(n)

@@ -14,7 +14,9 @@ def save_flow(path: str | Path, model: TARFlow, **meta: Any) -> None:
 
 
 def load_flow(path: str | Path, expected: FlowConfig | None = None, device: str = "cpu") -> tuple[TARFlow, dict]:
-    """Load a flow; if `expected` is given, a checkpoint of another configuration is an error naming the file."""
+    """Load a flow for inference (eval mode, parameters frozen: denoising and the classifier differentiate only with
+    respect to their inputs, so no parameter gradients are kept); if `expected` is given, a checkpoint of another
+    configuration is an error naming the file."""
     state = load_torch(path, map_location=device)
     if not isinstance(state, dict) or "config" not in state or "weights" not in state:
         raise FlowBackFileError(f"{path}: not a FlowBack flow checkpoint (no config/weights)")
@@ -31,4 +33,4 @@ def load_flow(path: str | Path, expected: FlowConfig | None = None, device: str 
         model.load_state_dict(state["weights"])
     except RuntimeError as e:
         raise FlowBackFileError(f"{path}: weights do not fit the model config ({e})") from e
-    return model.to(device).eval(), state.get("meta", {})
+    return model.to(device).eval().requires_grad_(False), state.get("meta", {})

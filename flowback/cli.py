@@ -1,6 +1,8 @@
-"""`flowback` command: checks that need no stage run, and the pretrained weights of the paper profiles.
+"""`flowback` command: checks that need no stage run, the memory plan, the pipeline files, and pretrained weights.
 
   flowback check [--params params.yaml]            validate every key and every experiment row, print the grid
+  flowback plan [--params F] [--gpu-mem GiB]       per-GPU memory, FLOPs and GPU-hours of every stage, measured
+  flowback pipeline [--params F] [--check]         write dvc.yaml from params.yaml and the code (or check it)
   flowback weights fetch [--params params.yaml]    download the networks the profile needs (skips verified ones)
   flowback weights verify [--params params.yaml]   re-hash them, load them through the stages' loaders, run each once
   flowback data verify [--params params.yaml]      re-read every shard of the prepared data against its manifest
@@ -19,12 +21,49 @@ def check(path: str) -> int:
     params = load_params(path)
     m = params.model
     print(f"{path}: valid. Model: {m.blocks} blocks x {m.layers_per_block()} layers, width {m.width}, "
-          f"patch {m.patch_size}; {params.train.steps} training steps.")
-    for name in params.experiments:
-        exp = params.experiment(name)
+          f"patch {m.patch_size}; {params.train.steps} training steps; {len(params.runs())} runs.")
+    for run in params.runs():
+        exp = params.run(run)
         where = ", ".join(f"block {b} layer {l}" for b, l in exp.positions) or "-"
-        print(f"  {name:<16} {exp.strategy:<8} {exp.position or '-':<14} -> {where}")
+        print(f"  {run:<20} {exp.strategy:<8} {exp.position or '-':<14} -> {where}")
     return 0
+
+
+def pipeline(path: str, check_only: bool) -> int:
+    from pathlib import Path
+
+    from .pipeline import Pipeline, check_dvc_file
+
+    p = Pipeline.load(path)
+    target = Path("dvc.yaml")
+    if check_only:
+        problem = check_dvc_file(p, target)
+        if problem:
+            print(f"flowback: error: {problem}; run `python -m flowback pipeline`", file=sys.stderr)
+            return 2
+        print(f"{target}: up to date ({len(p.instances)} stages)")
+        return 0
+    from .io import write_bytes
+
+    write_bytes(target, p.dvc_yaml().encode())
+    print(f"{target}: written ({len(p.instances)} stages)")
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    from .plan import print_plan
+
+    return print_plan(args.params, args.gpu_mem, args.world, args.mfu, args.peak_tflops)
+
+
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gpu-mem {text!r}: expected a number of GiB, e.g. 80") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--gpu-mem {text!r}: must be a positive number of GiB")
+    return value
 
 
 def _sources(pairs: list[str]) -> dict[str, str]:
@@ -50,7 +89,7 @@ def weights(args: argparse.Namespace) -> int:
 
 def data_verify(path: str) -> int:
     """Every shard present, sha256 as in the manifest, every sample decodable with the promised keys and labels."""
-    from .data.shards import MANIFEST, load_manifest, stale_settings, verify
+    from .data.manifest import MANIFEST, load_manifest, stale_settings, verify
 
     params = load_params(path)
     d = params.data.dir
@@ -71,6 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_check = sub.add_parser("check", help="validate params.yaml and list the experiment grid")
     p_check.add_argument("--params", default="params.yaml")
+    p_plan = sub.add_parser("plan", help="per-GPU memory, FLOPs and GPU-hours of every stage, measured on the code")
+    p_plan.add_argument("--params", default="params.yaml")
+    p_plan.add_argument("--gpu-mem", type=_gib, default=None, metavar="GiB",
+                        help="memory per GPU to plan for (default: runtime.gpu_memory_gib)")
+    p_plan.add_argument("--world", type=int, default=None, help="GPUs per run (default: from runtime.launcher)")
+    p_plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for GPU-hours (default 0.4)")
+    p_plan.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="GPU peak TFLOP/s for GPU-hours (default: H100 SXM dense bf16, 989)")
+    p_pipe = sub.add_parser("pipeline", help="write dvc.yaml from params.yaml and the code (--check: only compare)")
+    p_pipe.add_argument("--params", default="params.yaml")
+    p_pipe.add_argument("--check", action="store_true")
     p_weights = sub.add_parser("weights", help="fetch or verify the pretrained networks the profile needs")
     actions = p_weights.add_subparsers(dest="action", required=True)
     p_fetch = actions.add_parser("fetch", help="download the networks into the directories params.yaml names")
@@ -90,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             return weights(args)
         if args.command == "data":
             return data_verify(args.params)
+        if args.command == "plan":
+            return plan(args)
+        if args.command == "pipeline":
+            return pipeline(args.params, args.check)
         return check(args.params)
     except FlowBackError as e:
         print(f"flowback: error: {e}", file=sys.stderr)

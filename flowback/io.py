@@ -2,17 +2,23 @@
 
 A crash (or kill -9, or a full disk) while writing must never leave a half-written file under the final name: we
 write to a temporary file in the same directory, fsync it, and `os.replace` it over the target, which POSIX makes
-atomic. Checkpoints are loaded with `weights_only=True` only.
+atomic. The temporary file's name carries the writer's host and pid (`.<name>.<host>.<pid>.<random>.tmp`), so the
+next writer of the same file removes what a dead writer left behind. Outputs get the permissions the umask allows
+(mkstemp's 0600 would hide results from a shared group). A full disk is an error naming the file and the space it
+needed. Checkpoints are loaded with `weights_only=True` only, and a file that is not one is described in plain words.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
-import io
 import json
 import os
+import shutil
+import socket
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,18 +32,86 @@ class FlowBackFileError(FlowBackError):
     """A file FlowBack reads is missing, truncated or not what it should be; the message names the file."""
 
 
+class DiskFullError(FlowBackFileError):
+    """The disk filled up while writing; the previous file (if any) is intact."""
+
+
+_HOST = socket.gethostname().split(".")[0].replace(".", "_") or "host"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that dead writers of `path` (on this host) left beside it; returns them."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2 : -len(".tmp")].split(".")
+        if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
+            continue  # another host's writer, or not our naming: leave it
+        if int(parts[1]) != os.getpid() and not _alive(int(parts[1])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def _gib(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed."""
+def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed.
+
+    `size_hint` (bytes) only improves the message of a full disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_dead_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                written = tmp.stat().st_size if tmp.exists() else 0
+                need = max(size_hint or 0, written)
+                raise DiskFullError(
+                    f"{path}: no space left on the device while writing it ({'about ' + _gib(need) if need else 'size unknown'}"
+                    f" needed, {_gib(_free_bytes(path.parent))} free); the previous file is intact - free space "
+                    f"and run again") from e
+            raise
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -45,7 +119,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint=len(data)) as tmp:
         tmp.write_bytes(data)
 
 
@@ -69,15 +143,48 @@ def load_json(path: str | os.PathLike) -> Any:
         raise FlowBackFileError(f"{path}: file not found")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FlowBackFileError(f"{path}: not valid JSON ({e})") from e
 
 
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
-    """torch.save through a temp file. Only tensors, numbers, strings, lists and dicts: loadable with weights_only."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes(path, buf.getvalue())
+    """torch.save straight into a temp file (no second in-memory copy of a multi-GB state), then renamed.
+
+    Only tensors, numbers, strings, lists and dicts: loadable with weights_only."""
+    with atomic_path(path, size_hint=_tensor_bytes(obj)) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+
+def describe_checkpoint_error(path: Path, e: Exception) -> str:
+    """What is wrong with a file torch.load refused, in plain words (never torch's advice to unpickle it anyway)."""
+    size = path.stat().st_size if path.exists() else 0
+    text = str(e)
+    if size == 0:
+        return "empty file (a write that never finished, or a copy that failed)"
+    if "GLOBAL" in text or "Unsupported class" in text or "global" in text.split("WeightsUnpickler error:")[-1]:
+        import re
+
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({'GLOBAL ' + named.group(1)})" if named else ""
+        return (f"refused: it contains pickled code or objects other than tensors and plain values{what}, which "
+                f"FlowBack never unpickles; if you wrote this file yourself, re-save it as a state dict")
+    if isinstance(e, EOFError) or "unexpected EOF" in text or "failed finding central directory" in text \
+            or "truncated" in text.lower() or (zipfile.is_zipfile(path) and "PytorchStreamReader" in text):
+        return f"truncated ({size} bytes): a write that was cut short; re-run the stage that makes it"
+    if not zipfile.is_zipfile(path) or "Unsupported operand" in text:
+        return f"not a checkpoint ({size} bytes that are not torch's format)"
+    return f"not a readable checkpoint ({type(e).__name__})"
 
 
 def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -88,11 +195,11 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... depending on the damage
-        raise FlowBackFileError(f"{path}: cannot load checkpoint safely ({type(e).__name__}: {e})") from e
+        raise FlowBackFileError(f"{path}: {describe_checkpoint_error(path, e)}") from None
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint=sum(a.nbytes for a in arrays.values())) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
@@ -114,3 +221,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def save_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Rows of one shape as a CSV with a header, atomically (rewritten whole: training logs stay small)."""
+    import csv
+    import io as _io
+
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["step"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(path, buf.getvalue().encode())

@@ -12,12 +12,15 @@ Layers are numbered 1..L inside a block; "layer l" is the residual stream after 
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing import Annotated, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import FlowBackError
 
@@ -26,8 +29,44 @@ class ParamsError(FlowBackError, ValueError):
     """params.yaml is invalid; the message names every offending key by its path."""
 
 
+# Seeds go to torch.Generator.manual_seed and numpy, and are mixed with step numbers: non-negative and 31-bit.
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1, description="a non-negative 31-bit integer")]
+
+
+def _takes_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _takes_bool(get_args(annotation)[0])
+    if origin is Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_takes_bool(a) for a in get_args(annotation))
+    return origin is dict  # free-form mappings (encoder.kwargs, overrides) take anything
+
+
+def _has_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value))
+
+
 class Strict(BaseModel):
+    """Unknown keys are errors; YAML's true/false is never read as the number 1/0."""
+
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name)
+        if field is not None and _has_bool(v) and not _takes_bool(field.annotation):
+            raise ValueError(f"expected {_kind(field.annotation)}, got the boolean {str(v).lower()}")
+        return v
+
+
+def _kind(annotation: Any) -> str:
+    text = str(annotation)
+    if "int" in text or "float" in text:
+        return "a number"
+    return "a value of type " + text.replace("typing.", "")
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -87,7 +126,7 @@ class TrainSpec(Strict):
     steps: int = Field(300, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EncoderParams(Strict):
@@ -123,7 +162,8 @@ class MetricParams(Strict):
     prc_neighborhood: int = Field(3, ge=1)
     batch_size: int = Field(256, ge=1)
     classifier_split: Literal["train", "val"] = "val"
-    classifier_batch_size: int = Field(128, ge=1)
+    classifier_batch_size: int | Literal["auto"] = Field(
+        128, description="images per backward pass of the training-free classifier; auto = the memory plan's choice")
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -166,10 +206,34 @@ class ModelParams(Strict):
         return [self.layers] * self.blocks if isinstance(self.layers, int) else list(self.layers)
 
 
+# -------------------------------------------------------------------------------------------------------- runtime
+class RuntimeParams(Strict):
+    """Where and how the numbers are computed: the same values give the same numbers under either engine.
+
+    dvc and snakemake both start stages with these settings (snakemake's `threads:` is `threads`, nothing is taken
+    from the environment), so one machine gives bit-identical results whichever engine runs a stage.
+    """
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present, else cpu")
+    threads: int = Field(1, ge=0, description="torch CPU threads per process; 0 = torch's default (all cores)")
+    tf32: bool = Field(True, description="TF32 tensor cores for float32 matmuls and convolutions on GPUs")
+    launcher: str = Field("python", min_length=1, description="how dvc/snakemake start train and sample: python, "
+                                                             "or torchrun --standalone --nproc_per_node 8 for DDP")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="the memory plan's budget per GPU (flowback plan); null = no plan (CPU runs)")
+
+
 # ---------------------------------------------------------------------------------------------------------- train
 class TrainParams(Strict):
     steps: int = Field(300, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch, split over the torchrun ranks")
+    micro_batch: int | Literal["auto"] | None = Field(
+        None, description="images per forward/backward on one rank; the rest of its share of the batch is gradient "
+                          "accumulation. null = the whole share at once; auto = the largest the memory plan fits in "
+                          "runtime.gpu_memory_gib")
+    checkpointing: Literal["none", "layers", "auto"] = Field(
+        "none", description="activation checkpointing of every transformer layer (non-reentrant); auto = only when the "
+                            "memory plan needs it")
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-5, ge=0)
     warmup_steps: int = Field(20, ge=0)
@@ -179,14 +243,18 @@ class TrainParams(Strict):
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="0 disables EMA")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    seed: Seed = 0
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16: autocast (GPU training)")
     compile: bool = Field(False, description="wrap the training objective in torch.compile")
     workers: int = Field(4, ge=0, description="streamed data (ImageNet): loader worker processes per rank")
     shuffle_buffer: int = Field(1000, ge=0, description="streamed data: samples in each worker's shuffle buffer")
     flip: bool = Field(True, description="streamed data: random horizontal flips (TARFlow's augmentation)")
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> "TrainParams":
+        if isinstance(self.micro_batch, int) and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, 'auto' or null (got {self.micro_batch})")
+        return self
 
 
 class AlignParams(Strict):
@@ -209,13 +277,15 @@ class GuidanceParams(Strict):
 
 class SampleParams(Strict):
     per_class: int = Field(100, ge=1)
-    batch_size: int = Field(500, ge=1)
+    batch_size: int = Field(500, ge=1, description="images per chunk file (the unit of resume and of torchrun sharding)")
+    micro_batch: int | Literal["auto"] | None = Field(
+        None, description="images per reverse pass and per denoising gradient inside a chunk; null = the whole chunk; "
+                          "auto = the largest the memory plan fits")
     guidance: GuidanceParams = GuidanceParams()
     denoise: bool = True
-    seed: int = 1
+    seed: Seed = 1
     kv_cache: bool = True
     dtype: Literal["float32", "bfloat16"] = "float32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 # ---------------------------------------------------------------------------------------------------- experiments
@@ -254,6 +324,8 @@ def parse_position(position: str, layers_per_block: list[int]) -> list[tuple[int
 class ExperimentParams(Strict):
     strategy: Literal["none", "forward", "detach", "reverse"] = "none"
     position: str | None = None
+    seeds: list[Seed] | None = Field(None, min_length=1,
+                                     description="training seeds, one run each (default: [train.seed])")
     overrides: dict[str, Any] = Field(default_factory=dict, description="deep-merged over the top-level params")
     paper: str | None = Field(None, description="the paper's row this reproduces, e.g. ablation/reverse_78")
 
@@ -269,6 +341,13 @@ class ExperimentParams(Strict):
                 raise ValueError(e.args[0]) from None
         return v
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"seeds {v} repeat a seed")
+        return v
+
     @model_validator(mode="after")
     def _position_needs_strategy(self) -> "ExperimentParams":
         if self.strategy == "none" and self.position is not None:
@@ -279,7 +358,7 @@ class ExperimentParams(Strict):
 
 
 class Params(Strict):
-    seed: int = 0
+    seed: Seed = 0
     data: DataParams = DataParams()
     encoder: EncoderParams = EncoderParams()
     metrics: MetricParams = MetricParams()
@@ -287,9 +366,8 @@ class Params(Strict):
     train: TrainParams = TrainParams()
     align: AlignParams = AlignParams()
     sample: SampleParams = SampleParams()
+    runtime: RuntimeParams = RuntimeParams()
     results: str = "results"
-    launcher: str = Field("python", min_length=1, description="how dvc/snakemake start train and sample: python, "
-                                                             "or torchrun --standalone --nproc_per_node 8 for DDP")
     experiments: dict[str, ExperimentParams] = Field(default_factory=lambda: {"baseline": ExperimentParams()})
 
     @field_validator("experiments")
@@ -315,25 +393,67 @@ class Params(Strict):
     def results_dir(self) -> Path:
         return Path(self.results)
 
-    def run_dir(self, experiment: str) -> Path:
-        return Path(self.results) / "runs" / experiment
+    def seeds(self, name: str) -> list[int]:
+        return list(self.experiments[name].seeds or [self.train.seed])
 
-    def experiment(self, name: str) -> "Experiment":
-        """The fully merged, validated configuration of one experiment of the registry."""
-        if name not in self.experiments:
-            raise ParamsError(f"experiments: no experiment named {name!r}; known: {', '.join(self.experiments)}")
-        return _experiment(self, name)
+    def runs(self) -> list[str]:
+        """Every run of the grid: one per experiment and training seed, named `<experiment>-s<seed>`."""
+        return [run_id(name, seed) for name in self.experiments for seed in self.seeds(name)]
+
+    def run_dir(self, run: str) -> Path:
+        return Path(self.results) / "runs" / run
+
+    def resolve_run(self, text: str) -> str:
+        """A run id from `<experiment>-s<seed>`, or from an experiment's name when it has a single seed."""
+        if text in self.experiments:
+            seeds = self.seeds(text)
+            if len(seeds) == 1:
+                return run_id(text, seeds[0])
+            raise ParamsError(f"experiments.{text}: has seeds {seeds}; name one run: "
+                              f"{', '.join(run_id(text, s) for s in seeds)}")
+        return text
+
+    def run(self, run: str) -> "Experiment":
+        """The fully merged, validated configuration of one run (`<experiment>-s<seed>`) of the grid."""
+        name, seed = split_run_id(run)
+        if name not in self.experiments or seed not in self.seeds(name):
+            raise ParamsError(f"experiments: no run named {run!r}; runs are <experiment>-s<seed>: "
+                              f"{', '.join(self.runs())}")
+        return _experiment(self, name, seed)
+
+
+def run_id(name: str, seed: int) -> str:
+    return f"{name}-s{seed}"
+
+
+def split_run_id(run: str) -> tuple[str, int]:
+    name, sep, seed = run.rpartition("-s")
+    if not sep or not seed.isdigit():
+        raise ParamsError(f"run {run!r}: expected <experiment>-s<seed>, e.g. baseline-s0")
+    return name, int(seed)
 
 
 class Experiment(BaseModel):
-    """One row of the grid: the top-level params with the experiment's overrides applied, and its positions."""
+    """One run of the grid: the top-level params with the experiment's overrides and seed applied (`params`, whose
+    registry holds only this experiment), its alignment positions and its run directory. The one config object an
+    experiment stage receives."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
     name: str
+    seed: int
     params: Params
     strategy: str
     position: str | None
     positions: list[tuple[int, int]]
+    paper: str | None = None
+
+    @property
+    def run(self) -> str:
+        return run_id(self.name, self.seed)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.params.run_dir(self.run)
 
 
 def _deep_merge(base: dict, over: dict, path: str) -> dict:
@@ -348,24 +468,24 @@ def _deep_merge(base: dict, over: dict, path: str) -> dict:
     return out
 
 
-def _experiment(params: Params, name: str) -> Experiment:
+def _experiment(params: Params, name: str, seed: int) -> Experiment:
     exp = params.experiments[name]
     base = params.model_dump(mode="python")
-    if exp.overrides:
-        if "experiments" in exp.overrides:
-            raise ParamsError(f"experiments.{name}.overrides.experiments: an experiment cannot override the registry")
-        merged = _deep_merge(base, exp.overrides, f"experiments.{name}.overrides")
-        merged_params = validate(merged, where=f"experiments.{name}.overrides")
-    else:
-        merged_params = params
+    where = f"experiments.{name}.overrides"
+    if "experiments" in exp.overrides:
+        raise ParamsError(f"{where}.experiments: an experiment cannot override the registry")
+    merged = _deep_merge(base, exp.overrides, where) if exp.overrides else base
+    merged["train"]["seed"] = seed
+    merged["experiments"] = {name: base["experiments"][name]}
+    merged_params = validate(merged, where=where if exp.overrides else None)
     positions: list[tuple[int, int]] = []
     if exp.position is not None:
         try:
             positions = parse_position(exp.position, merged_params.model.layers_per_block())
         except ValueError as e:
             raise ParamsError(f"experiments.{name}.position: {e}") from None
-    return Experiment(name=name, params=merged_params, strategy=exp.strategy, position=exp.position,
-                      positions=positions)
+    return Experiment(name=name, seed=seed, params=merged_params, strategy=exp.strategy, position=exp.position,
+                      positions=positions, paper=exp.paper)
 
 
 def _format(err: ValidationError, where: str | None) -> str:
@@ -380,6 +500,8 @@ def _format(err: ValidationError, where: str | None) -> str:
         got = e.get("input")
         suffix = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {loc}: {msg}{suffix}")
+    if len(lines) == 1:
+        return "invalid params: " + lines[0].strip()
     return "invalid params:\n" + "\n".join(lines)
 
 
@@ -394,21 +516,128 @@ def validate(raw: dict[str, Any], where: str | None = None) -> Params:
 
 
 def validate_all(params: Params) -> Params:
-    """Resolve every experiment (overrides and positions) so a bad row fails now, not when its turn comes."""
-    for name in params.experiments:
-        params.experiment(name)
+    """Resolve every run (overrides, seeds and positions) so a bad row fails now, not when its turn comes."""
+    for run in params.runs():
+        params.run(run)
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error: YAML's last-one-wins would
+    silently change what an experiment or a section means."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ParamsError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first at line "
+                                  f"{seen[key] + 1}); YAML would silently keep only the last one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a params file strictly: duplicate keys and an empty file are errors naming the file."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: params file not found")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML ({e})") from None
-    try:
-        return validate_all(validate(raw or {}))
+        raw = yaml.load(text, Loader=_StrictLoader)
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if raw is None:
+        raise ParamsError(f"{path}: the params file is empty (only comments or blank lines); FlowBack never falls "
+                          f"back to built-in defaults: copy params.yaml or a file from profiles/")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    raw = read_yaml(path)
+    try:
+        return validate_all(validate(raw))
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------- declared reads only
+class UndeclaredParamError(FlowBackError, AttributeError):
+    """A stage read a params key its pipeline spec does not list (so dvc and snakemake would not rerun it)."""
+
+
+class Undeclared:
+    """Stands in for a params value a stage did not declare: any use of it is an UndeclaredParamError naming the key,
+    so a stage's declared reads (its DVC params and Snakemake params) can never silently fall short."""
+
+    __slots__ = ("_key", "_stage")
+
+    def __init__(self, key: str, stage: str):
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_stage", stage)
+
+    def _fail(self, *args, **kwargs):
+        key, stage = object.__getattribute__(self, "_key"), object.__getattribute__(self, "_stage")
+        raise UndeclaredParamError(f"stage {stage!r} read params key {key!r}, which its `reads()` in "
+                                   f"flowback/jobs/{stage}.py does not list; list it so dvc and snakemake rerun the "
+                                   f"stage when it changes")
+
+    def __repr__(self) -> str:
+        return f"<undeclared params key {object.__getattribute__(self, '_key')}>"
+
+    __getattr__ = __bool__ = __int__ = __float__ = __index__ = __str__ = __format__ = __fspath__ = _fail
+    __iter__ = __len__ = __getitem__ = __contains__ = __hash__ = __eq__ = __ne__ = __lt__ = __le__ = _fail
+    __gt__ = __ge__ = __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _fail
+    __rtruediv__ = __floordiv__ = __mod__ = __neg__ = __call__ = _fail
+
+
+def _restrict(node: BaseModel, path: str, keys: set[str], stage: str) -> BaseModel:
+    update = {}
+    for name in type(node).model_fields:
+        key = f"{path}{name}"
+        if key in keys:
+            continue
+        value = getattr(node, name)
+        below = any(k.startswith(key + ".") for k in keys)
+        if below and isinstance(value, BaseModel):
+            update[name] = _restrict(value, key + ".", keys, stage)
+        elif below and isinstance(value, dict):
+            update[name] = {k: (v if f"{key}.{k}" in keys else
+                                _restrict(v, f"{key}.{k}.", keys, stage) if isinstance(v, BaseModel) and
+                                any(s.startswith(f"{key}.{k}.") for s in keys) else Undeclared(f"{key}.{k}", stage))
+                            for k, v in value.items()}
+        else:
+            update[name] = Undeclared(key, stage)
+    return node.model_copy(update=update)
+
+
+def restrict(params: Params, keys: list[str], stage: str) -> Params:
+    """`params` with every value outside `keys` (dotted paths; a key covers everything below it) replaced by an
+    Undeclared stand-in: what a stage receives, so it can read nothing it did not declare."""
+    for k in keys:
+        _lookup(params, k)  # a declared key must exist
+    return _restrict(params, "", set(keys), stage)
+
+
+def _lookup(node: Any, key: str) -> Any:
+    for part in key.split("."):
+        if isinstance(node, BaseModel) and part in type(node).model_fields:
+            node = getattr(node, part)
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            raise KeyError(f"declared params key {key!r} does not exist")
+    return node
+
+
+def values(params: Params, keys: list[str]) -> dict[str, Any]:
+    """{key: JSON value} of declared keys: what dvc records in dvc.lock and snakemake in its params."""
+    out = {}
+    for k in sorted(set(keys)):
+        v = _lookup(params, k)
+        out[k] = v.model_dump(mode="json") if isinstance(v, BaseModel) else json.loads(json.dumps(
+            {kk: (vv.model_dump(mode="json") if isinstance(vv, BaseModel) else vv) for kk, vv in v.items()}
+            if isinstance(v, dict) else v, default=str))
+    return out

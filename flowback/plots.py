@@ -1,9 +1,10 @@
-"""Figures people would rather look at than read: training curves of every experiment on one page."""
+"""Figures people would rather look at than read: training curves and sample grids of every experiment on one page."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -13,15 +14,27 @@ import pandas as pd  # noqa: E402
 
 from .io import write_bytes  # noqa: E402
 
+if TYPE_CHECKING:
+    import numpy as np
 
-def training_curves(logs: dict[str, Path], out: str | Path) -> None:
-    """bits/dim and alignment loss against step, one line per experiment."""
+
+def _colours(names: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def training_curves(logs: dict[str, list[Path]], out: str | Path) -> None:
+    """bits/dim and alignment loss against step: one colour per experiment (the same in both panels), one line per
+    training seed."""
     fig, (ax_bpd, ax_align) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, path in logs.items():
-        df = pd.read_csv(path)
-        ax_bpd.plot(df["step"], df["bpd"], label=name)
-        if (df["align"] != 0).any():
-            ax_align.plot(df["step"], df["align"], label=name)
+    colours = _colours(list(logs))
+    for name, paths in logs.items():
+        for i, path in enumerate(paths):
+            df = pd.read_csv(path)
+            label = name if i == 0 else None
+            ax_bpd.plot(df["step"], df["bpd"], color=colours[name], label=label, lw=1)
+            if (df["align"] != 0).any():
+                ax_align.plot(df["step"], df["align"], color=colours[name], label=label, lw=1)
     ax_bpd.set(xlabel="step", ylabel="bits/dim (noisy training data)", title="Negative log-likelihood")
     ax_align.set(xlabel="step", ylabel="-cos(proj(h), encoder)", title="Alignment loss")
     for ax in (ax_bpd, ax_align):
@@ -29,7 +42,35 @@ def training_curves(logs: dict[str, Path], out: str | Path) -> None:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
+    _save(fig, out)
+
+
+def sample_panels(panels: list[tuple[str, "np.ndarray"]], out: str | Path, columns: int = 4) -> None:
+    """One panel per experiment: its sample grid (rows = classes) under a title (name, FID, class fidelity)."""
+    import math
+
+    rows = max(1, math.ceil(len(panels) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.1 * columns, 3.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, grid) in zip(axes.flat, panels):
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    _save(fig, out)
+
+
+def _save(fig, out: str | Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     write_bytes(out, buf.getvalue())
+
+
+def save_png(path: str | Path, image_hwc: "np.ndarray") -> None:
+    """A uint8 HxWxC (C = 1 or 3) array as a PNG, atomically."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image_hwc[..., 0] if image_hwc.shape[-1] == 1 else image_hwc).save(buf, format="PNG")
+    write_bytes(path, buf.getvalue())

@@ -1,7 +1,7 @@
 """Class-balanced sample generation in resumable chunks, written in the ADM .npz format.
 
 Labels are interleaved (0, 1, ..., K-1, 0, 1, ...) so every chunk, and any prefix of the run, is class-balanced.
-Chunk c is drawn with its own generator seeded by (seed, c) and saved atomically as chunks/c.npz; a re-run skips
+Chunk c is drawn with its own generator, derive_seed("chunk", seed, c), and saved atomically as chunks/c.npz; a re-run skips
 the chunks already on disk, so a killed run loses at most one chunk and never duplicates or drops an image. The
 chunk directory records a key (checkpoint hash + sampling settings); chunks made under another key are discarded.
 Under torchrun, rank r makes chunks r, r + world, ... on its own GPU; rank 0 assembles them once all are done.
@@ -21,6 +21,7 @@ from .progress import progress as tqdm
 from .data.images import nchw_to_nhwc, to_uint8
 from .io import FlowBackFileError, load_npz, save_npz, write_bytes
 from .models import Guidance, TARFlow, sample
+from .seeding import generator
 
 
 def balanced_labels(num_classes: int, per_class: int) -> np.ndarray:
@@ -40,11 +41,13 @@ def generate(
     show_progress: bool = True,
     decode=None,
     key: str = "",
+    micro_batch: int | None = None,
 ) -> tuple[np.ndarray, float]:
     """Generate images for `labels` (uint8 NHWC) through chunk files; returns (images, seconds spent generating).
 
     In a torch.distributed run every rank makes its share of the chunks; rank 0 returns all images, the others an
-    empty array."""
+    empty array. `micro_batch` images go through the reverse pass and the denoising gradient at a time (the memory
+    plan's choice); the chunk's noise is drawn whole first, so the images do not depend on it."""
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -71,12 +74,19 @@ def generate(
             except (FlowBackFileError, KeyError):
                 pass  # a damaged or foreign chunk is regenerated
         t0 = time.perf_counter()
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + c)
+        g = generator("chunk", seed, c, device=device)
         y = torch.from_numpy(want).to(device)
-        x = sample(model, y, g, guidance, denoise_sigma, use_cache, dtype)
-        if decode is not None:
-            x = decode(x)
-        save_npz(path, arr_0=nchw_to_nhwc(to_uint8(x)).cpu().numpy(), arr_1=want)
+        cfg = model.cfg
+        z = torch.randn(len(y), cfg.num_tokens, cfg.token_dim, generator=g, device=device)
+        m = micro_batch or len(y)
+        parts = []
+        for i in range(0, len(y), m):
+            x = sample(model, y[i : i + m], guidance=guidance, denoise_sigma=denoise_sigma, use_cache=use_cache,
+                       dtype=dtype, z=z[i : i + m])
+            if decode is not None:
+                x = decode(x)
+            parts.append(nchw_to_nhwc(to_uint8(x)).cpu().numpy())
+        save_npz(path, arr_0=np.concatenate(parts), arr_1=want)
         seconds += time.perf_counter() - t0
     if world > 1:
         dist.barrier()

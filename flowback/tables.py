@@ -1,18 +1,23 @@
 """Paper-style result tables from the metrics JSON files: pandas in, Markdown and CSV out.
 
-A cell whose experiment has not been run (or whose metric was not computed) is shown as an em dash and counted in
-the table's footnote; nothing is filled in or estimated.
+One row per experiment. An experiment trained at several seeds shows the mean and the standard deviation over its
+seeds (`mean ± std`, sample std, n-1) and how many seeds ran; a single seed shows its number. A cell whose runs have
+not been evaluated (or whose metric was not computed) is an em dash, counted in the table's footnote; nothing is
+filled in or estimated.
 """
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 
 MISSING = "—"
 STRATEGY_NAMES = {"none": "TARFlow baseline", "forward": "Forward", "detach": "Detach", "reverse": "Reverse"}
-ABLATION_COLUMNS = [("fid", "FID", 2), ("sfid", "sFID", 2), ("is", "IS", 2), ("acc", "Acc. (%)", 2)]
+# (metrics.json key, column, decimals)
+ABLATION_COLUMNS = [("fid", "FID", 2), ("sfid", "sFID", 2), ("is", "IS", 2), ("cond_acc", "Cond. acc. (%)", 1),
+                    ("acc", "Acc. (%)", 2)]
 
 
 def position_label(position: str | None) -> str:
@@ -26,26 +31,45 @@ def position_label(position: str | None) -> str:
     return blocks + (f", L{m[2]}" if m[2] else "")
 
 
+def _spread(values: list[float]) -> tuple[float, float, int]:
+    """(mean, sample std (NaN for one value), count) of the finite values."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if not len(v):
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"), len(v)
+
+
 def ablation_frame(rows: list[dict]) -> pd.DataFrame:
-    """rows: {experiment, strategy, position, metrics (dict or None)} -> the ablation table (numbers, NaN = missing)."""
+    """rows: {experiment, strategy, position, runs: [metrics dict or None per seed]} -> the ablation table.
+
+    Numbers per metric: `<col>` (mean over the evaluated seeds, NaN = missing), `<col> std` and `Seeds` (evaluated
+    / planned)."""
     records = []
     for r in rows:
-        m = r.get("metrics") or {}
+        runs = r.get("runs") or []
+        done = [m for m in runs if m]
         rec = {"Experiment": r["experiment"], "Strategy": STRATEGY_NAMES[r["strategy"]],
-               "Alignment position": position_label(r["position"])}
+               "Alignment position": position_label(r["position"]), "Seeds": f"{len(done)}/{len(runs)}"}
         for key, col, _ in ABLATION_COLUMNS:
-            value = m.get(key)
-            rec[col] = float(value) if value is not None else float("nan")
+            mean, std, _ = _spread([m.get(key) for m in done])
+            rec[col], rec[f"{col} std"] = mean, std
         records.append(rec)
     return pd.DataFrame.from_records(records)
 
 
+def _cell(mean: float, std: float, digits: int) -> str:
+    if pd.isna(mean):
+        return MISSING
+    return f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {std:.{digits}f}")
+
+
 def to_markdown(df: pd.DataFrame, title: str, note: str = "") -> str:
-    shown = df.copy()
+    cols = [c for _, c, _ in ABLATION_COLUMNS if c in df]
+    shown = df[[c for c in df.columns if not c.endswith(" std")]].copy()
     for _, col, digits in ABLATION_COLUMNS:
-        if col in shown:
-            shown[col] = shown[col].map(lambda v, d=digits: MISSING if pd.isna(v) else f"{v:.{d}f}")
-    missing = int(df[[c for _, c, _ in ABLATION_COLUMNS if c in df]].isna().sum().sum())
+        if col in df:
+            shown[col] = [_cell(m, s, digits) for m, s in zip(df[col], df[f"{col} std"])]
+    missing = int(df[cols].isna().sum().sum())
     lines = [f"# {title}", "", shown.to_markdown(index=False, disable_numparse=True), ""]
     if note:
         lines += [note, ""]
@@ -59,8 +83,8 @@ PAPER_COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("is", "IS"), ("acc", "Acc. (
 
 
 def paper_frame(rows: list[dict]) -> pd.DataFrame:
-    """rows: {experiment, paper ('table/row' or None), metrics} -> one record per mapped experiment, with our value,
-    the paper's and the difference (ours - paper) per metric; NaN where either side is missing."""
+    """rows: {experiment, paper ('table/row' or None), runs} -> one record per mapped experiment, with our value (mean
+    over seeds), the paper's and the difference (ours - paper) per metric; NaN where either side is missing."""
     from .paper import TABLES, row
 
     records = []
@@ -68,11 +92,10 @@ def paper_frame(rows: list[dict]) -> pd.DataFrame:
         if not r.get("paper"):
             continue
         table, _, name = r["paper"].partition("/")
-        ref, ours = row(r["paper"]), r.get("metrics") or {}
+        ref, done = row(r["paper"]), [m for m in r.get("runs") or [] if m]
         rec = {"Table": table, "Paper row": ref["label"], "Experiment": r["experiment"]}
         for key, col in PAPER_COLUMNS:
-            mine = ours.get(key)
-            mine = float(mine) if mine is not None else float("nan")
+            mine, _, _ = _spread([m.get(key) for m in done])
             theirs = float(ref[key]) if ref.get(key) is not None else float("nan")
             rec[col], rec[f"{col} paper"], rec[f"{col} delta"] = mine, theirs, mine - theirs
         records.append(rec)

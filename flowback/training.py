@@ -1,23 +1,29 @@
-"""Training loop for a flow with optional representation alignment: deterministic, resumable, crash-safe.
+"""Training a flow with optional representation alignment: deterministic, resumable, crash-safe, memory-planned.
 
-Determinism: every random draw of step s (batch indices, dequantisation noise, label drop) comes from a generator
-seeded by (seed, s), and batches walk seeded per-epoch permutations. So a run resumed from a checkpoint at step s
-takes exactly the steps an uninterrupted run would: on CPU the weights come out bit-identical.
+The loop is a few named parts:
+- `TrainState`: model, projectors, optimizer, EMA, step and log; it fingerprints, saves and restores itself.
+- a `Batches` source (flowback/data/batches.py): `get(step)` is this rank's share of step s's global batch.
+- `step_inputs`: the noise and label drop of step s, drawn for the global batch on the device and sliced to this rank,
+  so 1 and N processes train on the same noisy global batches.
+- `StepPlan`: the rank's share split into micro-batches (gradient accumulation) with or without per-layer activation
+  checkpointing, as the memory plan (flowback/plan.py) chooses; k micro-batches give the gradient of one batch.
 
-Safety: the resume state (model, projectors, optimizer, EMA, log) is written atomically every `checkpoint_every`
-steps, so a kill loses at most that many steps; a non-finite loss stops the run with a message and leaves the last
-good state on disk.
+Determinism: every random draw of step s comes from `derive_seed(stream, seed, s)`, and batches walk seeded
+per-epoch permutations, so a run resumed from a checkpoint takes exactly the steps an uninterrupted run would: on CPU
+the weights come out bit-identical.
 
-Scale: under torchrun (WORLD_SIZE > 1) every rank computes its part of the global batch and DDP averages the
-gradients; the noise and label-drop draws are made for the global batch and sliced, so 1 and N processes train on
-the same global batches. `train.dtype: bfloat16` runs the objective under autocast; `train.compile` wraps it in
-torch.compile. Batches come from memory (flowback.data.batches.MemoryBatches) or are streamed from shards
-(ShardBatches) for ImageNet.
+Safety: the resume state is written atomically every `checkpoint_every` steps (rank 0 only, streamed to disk), so a
+kill loses at most that many steps. A non-finite loss is detected on the device without a per-step host sync and
+reported at the next log or checkpoint step, before anything is saved: the last good state stays on disk. A resume
+state of another configuration is set aside as `.stale`, an unreadable one as `.corrupt`, each with a message; only
+rank 0 renames, and the step to resume from is broadcast from rank 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -29,45 +35,26 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from .progress import progress as tqdm
 
 from .alignment import AlignSpec, FrozenEncoder, Projector, alignment_features, alignment_loss, match_grid
-from .builders import align_spec, device as pick_device, flow_config, set_threads
-from .data.batches import MemoryBatches, batch_indices  # noqa: F401 (batch_indices: re-exported)
+from .builders import align_spec, flow_config
+from .data.batches import Batch, Batches
 from .data.images import to_model
-from .distributed import setup
+from .distributed import barrier, broadcast_int
 from .errors import FlowBackError
-from .io import load_torch, save_torch
+from .io import FlowBackFileError, load_torch, save_torch
 from .models import TARFlow, bits_per_dim
+from .models.transformer import Layer
 from .params import Experiment
+from .progress import progress as tqdm
+from .seeding import derive_seed, generator
 
 
 class TrainingError(FlowBackError):
     """Training cannot go on (non-finite loss, mismatched resume state); the message says what to do."""
 
 
-@dataclass
-class TrainResult:
-    model: TARFlow  # EMA weights when EMA is on
-    projectors: nn.ModuleDict
-    log: list[dict[str, float]]
-    steps: int
-    seconds: float
-    resumed_from: int = 0
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-def fingerprint(exp: Experiment) -> str:
-    """Hash of everything that shapes a run, so a resume state from another configuration is never reused."""
-    payload = {"name": exp.name, "strategy": exp.strategy, "positions": exp.positions,
-               "params": exp.params.model_dump(mode="json", exclude={"experiments", "sample", "metrics"})}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
+# ------------------------------------------------------------------------------------------------------ schedule
 def learning_rate(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to min_lr."""
     if step < warmup:
@@ -76,13 +63,7 @@ def learning_rate(step: int, lr: float, min_lr: float, warmup: int, total: int) 
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
-def encode_targets(encoder: FrozenEncoder, images_u8: torch.Tensor, grid: int, batch: int = 256) -> torch.Tensor:
-    """Encoder patch features of clean images, resized to the flow's token grid: (N, grid*grid, E)."""
-    out = [match_grid(encoder(to_model(images_u8[i : i + batch])), grid) for i in range(0, len(images_u8), batch)]
-    return torch.cat(out)
-
-
+# ------------------------------------------------------------------------------------------------------ objective
 def make_projectors(spec: AlignSpec | None, width: int, hidden: int, enc_dim: int) -> nn.ModuleDict:
     if spec is None:
         return nn.ModuleDict()
@@ -113,149 +94,332 @@ class Objective(nn.Module):
         return objective(self.model, self.projectors, self.spec, x, y, targets, self.weight)
 
 
+# ----------------------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class StepPlan:
+    """How one rank takes its share of a step: `micro_batch` images per forward/backward, `accumulation` of them."""
+
+    micro_batch: int
+    accumulation: int = 1
+    checkpointing: bool = False
+
+    @property
+    def share(self) -> int:
+        return self.micro_batch * self.accumulation
+
+
+def fixed_plan(exp: Experiment, world: int) -> StepPlan:
+    """The plan the params state outright (micro_batch an int or null, checkpointing none/layers); `auto` values
+    need flowback.plan.resolve_train_plan, which measures."""
+    tp = exp.params.train
+    share = tp.batch_size // world
+    micro = share if tp.micro_batch is None else tp.micro_batch
+    if not isinstance(micro, int):
+        raise ValueError("micro_batch auto needs the memory plan (flowback.plan.resolve_train_plan)")
+    if share % micro:
+        raise TrainingError(f"experiment {exp.name!r}: train.micro_batch {micro} does not divide the per-rank batch "
+                            f"{share} (train.batch_size {tp.batch_size} over {world} processes)")
+    return StepPlan(micro, share // micro, tp.checkpointing == "layers")
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Recompute every transformer layer's activations in backward (non-reentrant: the alignment strategies run
+    blocks again after the forward pass). State-dict keys are unchanged."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                             apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+
+    apply_activation_checkpointing(
+        model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: isinstance(m, Layer))
+
+
+# ---------------------------------------------------------------------------------------------------------- state
+def fingerprint(exp: Experiment) -> str:
+    """Hash of the params the train stage reads, so a resume state of another configuration is never reused. How
+    the steps are computed (micro-batches, checkpointing, compile, loader workers, logging, device) is left out:
+    changing it mid-run is allowed."""
+    from .jobs.train import PERF_KEYS, reads
+    from .params import values
+
+    vals = values(exp.params, [k for k in reads(exp) if k not in PERF_KEYS])
+    for key in PERF_KEYS:
+        section, _, name = key.partition(".")
+        if isinstance(vals.get(section), dict):
+            vals[section].pop(name, None)
+    payload = {"run": exp.run, "strategy": exp.strategy, "positions": exp.positions, "params": vals}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class TrainState:
+    """Everything a run needs to continue: model, projectors, optimizer, EMA, step and log."""
+
+    def __init__(self, exp: Experiment, encoder_dim: int, device: torch.device):
+        p, tp = exp.params, exp.params.train
+        torch.manual_seed(derive_seed("init", tp.seed))
+        self.exp, self.spec = exp, align_spec(exp)
+        self.model = TARFlow(flow_config(p)).to(device)
+        hidden = p.align.projector_dim if self.spec else 0
+        self.projectors = make_projectors(self.spec, p.model.width, hidden, encoder_dim).to(device)
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=tp.lr, betas=tuple(tp.betas),
+                                           weight_decay=tp.weight_decay)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if tp.ema_decay > 0 else None
+        self.step, self.log = 0, []
+        self.fingerprint = fingerprint(exp)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters()) + list(self.projectors.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "step": self.step, "model": self.model.state_dict(),
+                "projectors": self.projectors.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else {}, "log": self.log}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.model.load_state_dict(st["model"])
+        self.projectors.load_state_dict(st["projectors"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(st["ema"])
+        self.step, self.log = int(st["step"]), list(st["log"])
+
+    def save(self, path: Path) -> None:
+        save_torch(path, self.state_dict())
+
+    def update_ema(self, decay: float) -> None:
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+
+    @property
+    def final_model(self) -> TARFlow:
+        return self.ema if self.ema is not None else self.model
+
+    def restore(self, path: Path, rank: int, device: torch.device) -> int:
+        """Continue from `path` if it holds this run's state; returns the step to continue from (0: from scratch).
+
+        Rank 0 decides: a state of another configuration is set aside as `<path>.stale`, an unreadable one as
+        `<path>.corrupt`, each with a message; the decision is broadcast and the other ranks load the same file."""
+        step = 0
+        if rank == 0 and path.exists():
+            try:
+                st = load_torch(path, map_location=device)
+                if not isinstance(st, dict) or "fingerprint" not in st:
+                    raise FlowBackFileError(f"{path}: not a FlowBack training state")
+            except FlowBackFileError as e:
+                _set_aside(path, ".corrupt", f"cannot be read ({e})")
+                st = None
+            if st is not None and st["fingerprint"] != self.fingerprint:
+                _set_aside(path, ".stale", "was saved by another configuration")
+                st = None
+            if st is not None:
+                self.load_state_dict(st)
+                step = self.step
+        step = broadcast_int(step, device)
+        barrier()  # the renames are done before any rank looks at the file
+        if rank != 0 and step:
+            self.load_state_dict(load_torch(path, map_location=device))
+        return step
+
+
+def _set_aside(path: Path, suffix: str, why: str) -> None:
+    moved = path.with_name(path.name + suffix)
+    path.replace(moved)
+    print(f"note: {path} {why}; moved to {moved}, starting over")
+
+
+# ---------------------------------------------------------------------------------------------------- step inputs
+@torch.no_grad()
+def encode_targets(encoder: FrozenEncoder, images_u8: torch.Tensor, grid: int, batch: int = 256) -> torch.Tensor:
+    """Encoder patch features of clean images, resized to the flow's token grid: (N, grid*grid, E)."""
+    out = [match_grid(encoder(to_model(images_u8[i : i + batch])), grid).float()
+           for i in range(0, len(images_u8), batch)]
+    return torch.cat(out)
+
+
+class AlignTargets:
+    """The alignment targets of a batch: cached per image for a fixed in-memory set (its encoder features once),
+    computed per step under the training autocast for streamed data."""
+
+    def __init__(self, encoder: FrozenEncoder, grid: int, device: torch.device, autocast: dict,
+                 fixed_images: torch.Tensor | None = None):
+        self.encoder, self.grid, self.autocast = encoder.to(device), grid, autocast
+        self.cache = None
+        if fixed_images is not None:
+            with torch.autocast(**autocast):
+                self.cache = encode_targets(self.encoder, fixed_images.to(device), grid)
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[batch.index]
+        with torch.autocast(**self.autocast):
+            return encode_targets(self.encoder, batch.pixels, self.grid)
+
+
+def step_inputs(batch: Batch, step: int, exp: Experiment, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy x, label-dropped y) of this rank for `step`: noise and drop mask are drawn for the global batch on the
+    batch's device from the step's own seed, then sliced, so the draws do not depend on the number of ranks."""
+    p = exp.params
+    B, b = p.train.batch_size, len(batch.x)
+    mine = slice(rank * b, (rank + 1) * b)
+    dev = batch.x.device
+    g = generator("noise", p.train.seed, step, device=dev)
+    noise = torch.randn((B, *batch.x.shape[1:]), generator=g, device=dev)[mine]
+    drop = (torch.rand(B, generator=g, device=dev) < p.model.label_drop)[mine]
+    y = torch.where(drop, torch.full_like(batch.y, -1), batch.y)
+    return batch.x + p.model.noise_std * noise, y
+
+
+def accumulate_gradients(objective_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
+                         plan: StepPlan, ddp: nn.parallel.DistributedDataParallel | None = None,
+                         autocast: dict | None = None) -> torch.Tensor:
+    """Backward of the rank's share in `plan.accumulation` micro-batches; the gradients are those of the mean loss
+    over the share (each micro-batch's mean loss weighs 1/accumulation). DDP all-reduces only on the last one.
+    Returns the share's (loss, nll, align) means."""
+    autocast = autocast or {"device_type": x.device.type, "enabled": False}
+    stats = torch.zeros(3, device=x.device)
+    m = plan.micro_batch
+    for j in range(plan.accumulation):
+        part = slice(j * m, (j + 1) * m)
+        sync = ddp is None or j == plan.accumulation - 1
+        with (contextlib.nullcontext() if sync else ddp.no_sync()):
+            with torch.autocast(**autocast):
+                loss, nll, align = objective_fn(x[part], y[part], targets[part] if targets is not None else None)
+            (loss / plan.accumulation).backward()
+        stats += torch.stack([loss.detach(), nll.detach(), align.detach()]).float() / plan.accumulation
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------------- loop
+@dataclass
+class TrainResult:
+    model: TARFlow  # EMA weights when EMA is on
+    projectors: nn.ModuleDict
+    log: list[dict[str, float]]
+    steps: int
+    seconds: float
+    resumed_from: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)  # science: final bpd, alignment loss, size
+    timing: dict[str, Any] = field(default_factory=dict)  # how long it took: not a metric
+
+
 def train(
     exp: Experiment,
-    images_u8: torch.Tensor | None,
-    labels: torch.Tensor | None,
+    batches: Batches,
     state_path: str | Path,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
     encoder: FrozenEncoder | None = None,
+    fixed_images: torch.Tensor | None = None,
+    plan: StepPlan | None = None,
     show_progress: bool = True,
     on_step: Callable[[int], None] | None = None,
-    batches=None,
     on_log: Callable[[list[dict]], None] | None = None,
 ) -> TrainResult:
-    """Train exp's flow; resume from `state_path` if it holds a matching state.
+    """Train exp's flow on `batches` (this rank's view); resume from `state_path` if it holds a matching state.
 
-    Data: in-memory uint8 NCHW `images_u8` and `labels`, or a `batches` source (ShardBatches) for streamed data.
+    `fixed_images`: the in-memory training set (uint8), whose alignment targets are then computed once.
     `on_step(step)` is called after each completed step (tests use it to simulate a crash); `on_log(log)` with the
-    whole log so far after each new row, on rank 0 (the train stage feeds dvclive from it).
+    whole log so far after each new row, on rank 0 (the train stage writes train_log.csv from it).
     """
-    p = exp.params
-    tp = p.train
-    set_threads(tp.threads)
-    dev, rank, world = setup(pick_device(tp.device))
+    p, tp = exp.params, exp.params.train
     if tp.batch_size % world:
         raise TrainingError(f"train.batch_size {tp.batch_size} does not split over {world} processes")
     spec = align_spec(exp)
     if spec is not None and encoder is None:
         raise TrainingError(f"experiment {exp.name!r} aligns ({exp.strategy}) but no encoder was given")
+    plan = plan or fixed_plan(exp, world)
+    if plan.share != tp.batch_size // world:
+        raise TrainingError(f"experiment {exp.name!r}: plan {plan} does not cover the per-rank batch "
+                            f"{tp.batch_size // world}")
 
-    torch.manual_seed(tp.seed)
-    model = TARFlow(flow_config(p)).to(dev)
-    projectors = make_projectors(spec, p.model.width, p.align.projector_dim, encoder.dim if encoder else 0).to(dev)
-    params = list(model.parameters()) + list(projectors.parameters())
-    opt = torch.optim.AdamW(params, lr=tp.lr, betas=tuple(tp.betas), weight_decay=tp.weight_decay)
-    ema = copy.deepcopy(model).requires_grad_(False) if tp.ema_decay > 0 else None
-
+    state = TrainState(exp, encoder.dim if encoder else 0, device)
     state_path = Path(state_path)
-    fp = fingerprint(exp)
-    start, log = 0, []
-    st = load_torch(state_path, map_location=dev) if state_path.exists() else None
-    if st is not None and st.get("fingerprint") != fp:
-        stale = state_path.with_suffix(".stale")
-        state_path.replace(stale)
-        print(f"note: {state_path} was saved by another configuration; moved to {stale}, starting over")
-        st = None
-    if st is not None:
-        model.load_state_dict(st["model"])
-        projectors.load_state_dict(st["projectors"])
-        opt.load_state_dict(st["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(st["ema"])
-        start, log = int(st["step"]), list(st["log"])
+    start = state.restore(state_path, rank, device)
+    if plan.checkpointing:
+        checkpoint_layers(state.model)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tp.dtype == "bfloat16")
+    targets = AlignTargets(encoder, state.model.cfg.grid, device, autocast, fixed_images) if spec else None
 
-    def save_state(step: int) -> None:
-        if rank != 0:
-            return
-        save_torch(state_path, {"fingerprint": fp, "step": step, "model": model.state_dict(),
-                                "projectors": projectors.state_dict(), "optimizer": opt.state_dict(),
-                                "ema": ema.state_dict() if ema is not None else {}, "log": log})
-
-    if batches is None:
-        batches = MemoryBatches(images_u8, labels, tp.batch_size, tp.seed)
-    targets = None
-    if spec is not None:
-        encoder = encoder.to(dev)
-        if isinstance(batches, MemoryBatches):  # a fixed image set: its encoder features once, not every step
-            targets = encode_targets(encoder, batches.images.to(dev), model.cfg.grid)
-
-    objective_fn: nn.Module = Objective(model, projectors, spec, p.align.weight)
+    objective_fn: nn.Module = Objective(state.model, state.projectors, spec, p.align.weight if spec else 0.0)
+    ddp = None
     if world > 1:
-        objective_fn = nn.parallel.DistributedDataParallel(objective_fn, device_ids=[dev.index] if dev.type == "cuda"
-                                                           else None)
+        ddp = objective_fn = nn.parallel.DistributedDataParallel(
+            objective_fn, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if tp.compile:
         objective_fn = torch.compile(objective_fn)
-    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=tp.dtype == "bfloat16")
 
-    B, b = tp.batch_size, tp.batch_size // world
-    sigma, drop = p.model.noise_std, p.model.label_drop
+    params = state.parameters()
+    first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first step with a non-finite loss (0: none)
+    grad_norm = torch.zeros((), device=device)
     t0 = time.perf_counter()
-    model.train()
-    bar = tqdm(range(start, tp.steps), initial=start, total=tp.steps, desc=f"train {exp.name}",
+    state.model.train()
+    bar = tqdm(range(start, tp.steps), initial=start, total=tp.steps, desc=f"train {exp.run}",
                disable=not show_progress or rank != 0)
+
+    def check_finite(step: int) -> None:
+        bad = int(first_bad.item())  # the one host sync, at log and checkpoint steps only
+        if bad:
+            raise TrainingError(f"run {exp.run!r}: non-finite loss at step {bad} (found at step {step}); the last good "
+                                f"state is {state_path} - lower train.lr or raise train.grad_clip, then re-run to "
+                                f"resume")
+
     for step in bar:
-        g = step_generator(tp.seed, step)
-        batch = batches.get(step, rank, world)
-        mine = slice(rank * b, (rank + 1) * b)
-        x = batch.x.to(dev)
-        x = x + sigma * torch.randn((B, *x.shape[1:]), generator=g)[mine].to(dev)
-        y = batch.y.clone()
-        y[(torch.rand(B, generator=g) < drop)[mine]] = -1
-        y = y.to(dev)
+        batch = batches.get(step).to(device)
+        x, y = step_inputs(batch, step, exp, rank, world)
+        tgt = targets(batch) if targets is not None else None
         lr = learning_rate(step, tp.lr, tp.min_lr, tp.warmup_steps, tp.steps)
-        for group in opt.param_groups:
+        for group in state.optimizer.param_groups:
             group["lr"] = lr
 
-        tgt = None
-        if spec is not None:
-            if targets is not None:
-                tgt = targets[batch.index.to(dev)]
-            else:
-                tgt = encode_targets(encoder, batch.pixels.to(dev), model.cfg.grid)
-        with torch.autocast(**amp):
-            loss, nll, align = objective_fn(x, y, tgt)
-        stats = torch.stack([loss.detach(), nll.detach(), align.detach()]).float()
+        state.optimizer.zero_grad(set_to_none=True)
+        stats = accumulate_gradients(objective_fn, x, y, tgt, plan, ddp, autocast)
         if world > 1:
             torch.distributed.all_reduce(stats)
             stats /= world
-        if not torch.isfinite(stats).all():
-            raise TrainingError(f"experiment {exp.name!r}: non-finite loss at step {step + 1} (nll={stats[1].item()}, "
-                                f"align={stats[2].item()}); the last good state is {state_path} — lower train.lr or "
-                                f"raise train.grad_clip, then re-run to resume")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(stats).all(), step + 1, first_bad)
         grad_norm = nn.utils.clip_grad_norm_(params, tp.grad_clip if tp.grad_clip > 0 else float("inf"))
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - tp.ema_decay)
+        state.optimizer.step()
+        state.update_ema(tp.ema_decay)
+        state.step = step + 1
 
-        if (step + 1) % tp.log_every == 0 or step + 1 == tp.steps:
-            row = {"step": step + 1, "loss": stats[0].item(), "bpd": float(bits_per_dim(stats[1].item())),
-                   "align": stats[2].item(), "lr": lr, "grad_norm": float(grad_norm)}
-            log.append(row)
+        last = step + 1 == tp.steps
+        if (step + 1) % tp.log_every == 0 or last:
+            check_finite(step + 1)
+            loss_v, nll_v, align_v = stats.tolist()
+            row = {"step": step + 1, "loss": loss_v, "bpd": float(bits_per_dim(nll_v)), "align": align_v, "lr": lr,
+                   "grad_norm": float(grad_norm)}
+            state.log.append(row)
             bar.set_postfix(bpd=f"{row['bpd']:.3f}", align=f"{row['align']:.3f}", refresh=False)
             if on_log is not None and rank == 0:
-                on_log(log)
-        if (step + 1) % tp.checkpoint_every == 0 or step + 1 == tp.steps:
-            save_state(step + 1)
+                on_log(state.log)
+        if (step + 1) % tp.checkpoint_every == 0 or last:
+            check_finite(step + 1)
+            if rank == 0:
+                state.save(state_path)
         if on_step is not None:
             on_step(step + 1)
     seconds = time.perf_counter() - t0
 
-    final = ema if ema is not None else model
+    final = state.final_model
     final.eval()
+    log = state.log
     tail = log[-max(1, len(log) // 5):]
     summary = {
         "steps": tp.steps,
-        "resumed_from": start,
         "final_bpd": float(np.mean([r["bpd"] for r in tail])),
         "final_align": float(np.mean([r["align"] for r in tail])) if spec else None,
+        "params_millions": sum(q.numel() for q in state.model.parameters()) / 1e6,
+    }
+    timing = {
+        "resumed_from": start,
         "seconds": seconds,
         "steps_per_second": (tp.steps - start) / seconds if seconds > 0 else None,
         "images_per_second": (tp.steps - start) * tp.batch_size / seconds if seconds > 0 else None,
         "processes": world,
-        "params_millions": sum(q.numel() for q in model.parameters()) / 1e6,
+        "micro_batch": plan.micro_batch,
+        "accumulation": plan.accumulation,
+        "checkpointing": plan.checkpointing,
     }
-    return TrainResult(final, projectors, log, tp.steps, seconds, start, summary)
+    return TrainResult(final, state.projectors, log, tp.steps, seconds, start, summary, timing)

@@ -37,7 +37,6 @@ from .io import FlowBackFileError, atomic_path, load_json, save_json, sha256_fil
 from .params import Params
 
 MANIFEST = "weights.json"
-NETWORKS = ("encoder", "vae", "inception")
 FETCH_HINT = "run `flowback weights fetch`"
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torch.hub's convention: name-<sha256 prefix>.ext
 
@@ -98,10 +97,10 @@ def required_networks(params: Params, sources: dict[str, str] | None = None) -> 
                                f"{net.name} {net.id!r}; give them different directories")
         found.setdefault(key, (net, why))
 
-    for name in params.experiments:
-        exp = params.experiment(name)
+    for run in params.runs():
+        exp = params.run(run)
         p = exp.params
-        why = f"experiment {name!r}"
+        why = f"experiment {exp.name!r}"
         if exp.strategy != "none" and p.encoder.hub:
             if p.encoder.train is not None:  # the encoder stage would train over the fetched weights
                 raise WeightsError(f"{why}: encoder.hub ({p.encoder.hub}) and encoder.train are both set; the "
@@ -121,25 +120,58 @@ def required_networks(params: Params, sources: dict[str, str] | None = None) -> 
     return sorted((net for net, _ in found.values()), key=lambda n: (order[n.name], str(n.directory)))
 
 
-# ------------------------------------------------------------------------------------------------------- verifying
-def _load_and_run(net: Network) -> str:
-    """Load `net` through the loader its stages use and run a tiny forward; returns a short description."""
-    if net.name == "encoder":
+# ------------------------------------------------------------------------------------------- per-network handlers
+def _rand(*shape, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    return torch.rand(*shape, generator=g) * 2 - 1
+
+
+class EncoderWeights:
+    """The alignment encoder (DINOv2): timm weights saved in FlowBack's encoder format."""
+
+    @staticmethod
+    def fetch(net: Network, progress: bool) -> list[str]:
+        """timm.create_model(hub, pretrained=True) (or the local state dict in `source`), saved with save_encoder."""
+        import timm
+
+        from .alignment.encoder import CONFIG_FILE, WEIGHTS_FILE, save_encoder
+
+        cfg = net.extra["config"]
+        overlay = {"file": str(Path(net.source).resolve()), "custom_load": False} if _is_local(net.source) else None
+        model = timm.create_model(cfg.arch, pretrained=True, pretrained_cfg_overlay=overlay, **cfg.kwargs)
+        save_encoder(model, cfg, net.directory)
+        return [CONFIG_FILE, WEIGHTS_FILE]
+
+    @staticmethod
+    def load_and_run(net: Network) -> str:
         from .alignment import load_encoder
 
         enc = load_encoder(net.directory, allow_hub=False)
         s = enc.cfg.input_size
-        x = torch.rand(2, enc.in_chans, s, s, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        out = enc(x)
+        out = enc(_rand(2, enc.in_chans, s, s))
         if out.shape[0] != 2 or out.shape[-1] != enc.dim or not torch.isfinite(out).all():
             raise ValueError(f"forward gave {tuple(out.shape)} (finite: {bool(torch.isfinite(out).all())})")
         return f"{enc.cfg.arch}, {tuple(out.shape[1:])} patch features"
-    if net.name == "vae":
+
+
+class VaeWeights:
+    """The latent profiles' VAE: a diffusers AutoencoderKL saved as safetensors."""
+
+    @staticmethod
+    def fetch(net: Network, progress: bool) -> list[str]:
+        from .models.vae import load_pretrained_vae, save_vae
+
+        return save_vae(load_pretrained_vae(net.source), net.directory)
+
+    @staticmethod
+    def load_and_run(net: Network) -> str:
         from .models.vae import LatentCodec, load_vae
 
         codec = LatentCodec(load_vae(net.directory), scale=net.extra.get("scale", 0.18215))
         s = 4 * codec.factor
-        x = torch.rand(1, codec.vae.config.in_channels, s, s, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        x = _rand(1, codec.vae.config.in_channels, s, s)
         z = codec.encode(x)
         y = codec.decode(z)
         want = (1, codec.latent_channels, 4, 4)
@@ -147,20 +179,50 @@ def _load_and_run(net: Network) -> str:
             raise ValueError(f"encode/decode gave {tuple(z.shape)} / {tuple(y.shape)}, expected {want} / "
                              f"{tuple(x.shape)}, finite")
         return f"AutoencoderKL, {codec.latent_channels} x 1/{codec.factor} latents"
-    if net.name == "inception":
+
+
+class InceptionWeights:
+    """The ADM suite's Inception-v3: torch-fidelity's weights file, sha256-checked against the prefix in its name."""
+
+    @staticmethod
+    def fetch(net: Network, progress: bool) -> list[str]:
+        from .metrics.inception import INCEPTION_FILE
+
+        dest = net.directory / INCEPTION_FILE
+        with atomic_path(dest) as tmp:
+            if _is_local(net.source):
+                shutil.copyfile(net.source, tmp)
+            else:
+                torch.hub.download_url_to_file(net.source, str(tmp), progress=progress)
+            m = _HASH_IN_NAME.search(Path(urlparse(net.source).path).name)
+            if m and not sha256_file(tmp).startswith(m.group(1)):
+                raise WeightsError(f"inception: {net.source}: sha256 {sha256_file(tmp)[:16]}... does not start with "
+                                   f"{m.group(1)}, the prefix its name promises (damaged download, or another file)")
+        return [INCEPTION_FILE]
+
+    @staticmethod
+    def load_and_run(net: Network) -> str:
         from .metrics.generative import load_feature_network
         from .metrics.inception import FEATURE_DIMS
 
-        feats = load_feature_network("inception", net.directory).features(
-            torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+        feats = load_feature_network("inception", net.directory).features(_rand(1, 3, 32, 32, dtype=torch.uint8))
         shapes = {k: tuple(v.shape) for k, v in feats.items()}
         if shapes != {k: (1, d) for k, d in FEATURE_DIMS.items()} or not all(
                 torch.isfinite(v).all() for v in feats.values()):
             raise ValueError(f"features {shapes}, expected {FEATURE_DIMS} per image, finite")
         return "Inception-v3 (pool 2048, logits 1008, spatial 2023)"
-    raise ValueError(f"unknown network {net.name!r}")
 
 
+HANDLERS = {"encoder": EncoderWeights, "vae": VaeWeights, "inception": InceptionWeights}
+NETWORKS = tuple(HANDLERS)
+
+
+def _load_and_run(net: Network) -> str:
+    """Load `net` through the loader its stages use and run a tiny forward; returns a short description."""
+    return HANDLERS[net.name].load_and_run(net)
+
+
+# ------------------------------------------------------------------------------------------------------- verifying
 def check_hashes(net: Network) -> Check | None:
     """None when `net.directory` holds exactly the files its manifest lists, for the id the params ask for."""
     d, fix = net.directory, FETCH_HINT
@@ -230,43 +292,6 @@ def _is_local(source: str) -> bool:
     return Path(source).exists()
 
 
-def _fetch_encoder(net: Network) -> list[str]:
-    """timm.create_model(hub, pretrained=True) (or the local state dict in `source`), saved with save_encoder."""
-    import timm
-
-    from .alignment.encoder import CONFIG_FILE, WEIGHTS_FILE, save_encoder
-
-    cfg = net.extra["config"]
-    overlay = {"file": str(Path(net.source).resolve()), "custom_load": False} if _is_local(net.source) else None
-    model = timm.create_model(cfg.arch, pretrained=True, pretrained_cfg_overlay=overlay, **cfg.kwargs)
-    save_encoder(model, cfg, net.directory)
-    return [CONFIG_FILE, WEIGHTS_FILE]
-
-
-def _fetch_vae(net: Network) -> list[str]:
-    """AutoencoderKL.from_pretrained(source) saved as safetensors, through a temporary directory beside the target."""
-    from .models.vae import _LOAD_ARGS, _autoencoder_kl, _checked, save_vae
-
-    return save_vae(_checked(_autoencoder_kl().from_pretrained(net.source, **_LOAD_ARGS)), net.directory)
-
-
-def _fetch_inception(net: Network, progress: bool) -> list[str]:
-    """torch-fidelity's weights file (URL or local path), sha256-checked against the prefix in its name."""
-    from .metrics.inception import INCEPTION_FILE
-
-    dest = net.directory / INCEPTION_FILE
-    with atomic_path(dest) as tmp:
-        if _is_local(net.source):
-            shutil.copyfile(net.source, tmp)
-        else:
-            torch.hub.download_url_to_file(net.source, str(tmp), progress=progress)
-        m = _HASH_IN_NAME.search(Path(urlparse(net.source).path).name)
-        if m and not sha256_file(tmp).startswith(m.group(1)):
-            raise WeightsError(f"inception: {net.source}: sha256 {sha256_file(tmp)[:16]}... does not start with "
-                               f"{m.group(1)}, the prefix its name promises (damaged download, or another file)")
-    return [INCEPTION_FILE]
-
-
 def fetch_network(net: Network, out: Callable[[str], None] = print, progress: bool = True) -> Check:
     """Fetch one network unless its directory already verifies; write the manifest last; return its check."""
     current = verify_network(net)
@@ -278,12 +303,7 @@ def fetch_network(net: Network, out: Callable[[str], None] = print, progress: bo
     net.directory.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        if net.name == "encoder":
-            files = _fetch_encoder(net)
-        elif net.name == "vae":
-            files = _fetch_vae(net)
-        else:
-            files = _fetch_inception(net, progress)
+        files = HANDLERS[net.name].fetch(net, progress)
     except WeightsError:
         raise
     except Exception as e:  # hub, HTTP and file errors all differ; the message says which network and source

@@ -14,7 +14,7 @@ PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
 # several GPUs on one node).
 GPU_RULES = {"encoder", "metricnet", "train", "sample", "evaluate", "reference"}
 LAUNCHED_RULES = {"train", "sample"}
-CPU_RULES = {"prepare", "ablation_table"}
+CPU_RULES = {"prepare", "table", "ablation_table"}
 # GPU-related resource names the SLURM executor plugin reads (its README, "GPU Jobs"): anything else with "gpu" in
 # its name (e.g. "gpus", "num_gpus") would be silently ignored and the job would get no GPU.
 PLUGIN_GPU_KEYS = {"gpu", "gpu_model", "gpu_manufacturer", "gres", "cpus_per_gpu", "tasks_per_gpu"}
@@ -78,12 +78,16 @@ def test_gpu_rules_request_gpus_and_cpu_rules_do_not(profile):
 
 def test_launched_rules_get_one_gpu_per_torchrun_process(profile):
     """train and sample start with params' `launcher`: --nproc_per_node N processes need N GPUs in the job."""
-    snakefile = (ROOT / "Snakefile").read_text()
-    for rule in LAUNCHED_RULES:
-        body = snakefile.split(f"rule {rule}:")[1].split("\nrule ")[0]
-        assert "LAUNCHER" in body, f"the Snakefile's {rule} rule no longer starts with the params' launcher"
-    launchers = {p.name: yaml.safe_load(p.read_text()).get("launcher", "python")
-                 for p in sorted((ROOT / "profiles").glob("*.yaml"))}
+    from flowback.pipeline import Pipeline
+
+    launchers = {}
+    for path in sorted((ROOT / "profiles").glob("*.yaml")):
+        pipe = Pipeline.load(str(path))
+        launcher = pipe.params.runtime.launcher
+        for rule in LAUNCHED_RULES:  # the Snakefile (and dvc.yaml) start these with the params' launcher
+            run = pipe.params.runs()[0]
+            assert pipe.cmd(pipe.instance(rule, run)).startswith(launcher + " -m stages."), (path.name, rule)
+        launchers[path.name] = launcher
     nprocs = {name: int(m.group(1)) for name, launcher in launchers.items()
               if (m := re.search(r"--nproc[_-]per[_-]node[ =](\d+)", launcher))}
     assert nprocs, "no paper profile starts train/sample under torchrun"
@@ -112,7 +116,7 @@ def test_the_plugin_turns_the_profile_into_sbatch_gpu_flags(profile):
     def sbatch(rule):
         merged = {**profile["default-resources"], **profile["set-resources"][rule]}
         res = Resources({k: v.strip("'\"") if isinstance(v, str) else v for k, v in merged.items()})
-        job = SimpleNamespace(resources=res, threads=profile.get("set-threads", {}).get(rule, 1))
+        job = SimpleNamespace(resources=res, threads=1)
         params = dict(run_uuid="u", slurm_logfile="log", comment_str=rule, account="",
                       partition=f"-p {res['slurm_partition']}", workdir="")
         return submit.get_submit_command(job, params) + utils.set_gres_string(job)

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import command, stage
 from PIL import Image
 
-from flowback.data import shards
+from flowback.data import writer
 from flowback.data.digits import load_digits_images, stratified_split
-from flowback.data.shards import encode_png, load_split, read_split, verify, write_manifest, write_split
+from flowback.data.format import encode_png
+from flowback.data.manifest import load_split, read_split, verify, write_manifest
+from flowback.data.writer import write_split
 from flowback.io import FlowBackFileError, load_json, save_json, sha256_file
 from flowback.params import validate
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +187,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, digits16, monkeyp
     _write_dataset(ref, images, labels, 50)
 
     d = tmp_path / "killed"
-    real = shards._write_shard
+    real = writer._write_shard
     calls = []
 
     def dies_on_fourth(*args, **kw):
@@ -197,10 +196,10 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, digits16, monkeyp
             raise KeyboardInterrupt  # the run is "killed" while writing train-000003.tar
         return real(*args, **kw)
 
-    monkeypatch.setattr(shards, "_write_shard", dies_on_fourth)
+    monkeypatch.setattr(writer, "_write_shard", dies_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         _write_dataset(d, images, labels, 50)
-    monkeypatch.setattr(shards, "_write_shard", real)
+    monkeypatch.setattr(writer, "_write_shard", real)
     assert not (d / "train-000003.tar").exists() and not (d / "manifest.json").exists()
     assert sorted(load_json(d / ".progress-train.json")["shards"]) == [f"train-{k:06d}.tar" for k in range(3)]
     # what a kill -9 could leave or what could happen to the disk meanwhile:
@@ -211,7 +210,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, digits16, monkeyp
     inode0 = (d / "train-000000.tar").stat().st_ino
 
     calls.clear()
-    monkeypatch.setattr(shards, "_write_shard", lambda *a, **k: (calls.append(a[0].name), real(*a, **k)))
+    monkeypatch.setattr(writer, "_write_shard", lambda *a, **k: (calls.append(a[0].name), real(*a, **k)))
     _write_dataset(d, images, labels, 50)
     assert _files(d) == _files(ref)
     assert "train-000000.tar" not in calls and (d / "train-000000.tar").stat().st_ino == inode0  # reused
@@ -379,11 +378,10 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ prepare stage
 def test_prepare_stage_end_to_end(tmp_path, digits16, capsys):
-    from stages.prepare import main
-
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(f"data: {{root: {tmp_path / 'data'}, image_size: 16, shard_size: 500}}\n")
-    main(["--params", str(params_file), "--quiet"])
+    params_file.write_text(f"data: {{root: {tmp_path / 'data'}, image_size: 16, shard_size: 500}}\n"
+                           f"results: {tmp_path / 'results'}\n")
+    stage("prepare", params_file)
     out = capsys.readouterr().out
     assert "train: 1438 samples in 3 shards" in out and "val: 359 samples in 1 shards" in out
 
@@ -406,28 +404,26 @@ def test_prepare_stage_end_to_end(tmp_path, digits16, capsys):
         load_split(other, "train")
 
     before = _files(d)
-    main(["--params", str(params_file), "--quiet"])  # a second run is a verified no-op
+    stage("prepare", params_file)  # a second run is a verified no-op
     assert _files(d) == before
 
 
 def test_prepare_stage_errors_cleanly_and_repairs_damage(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("data: {image_size: 4}\n")
-    r = subprocess.run([sys.executable, "-m", "stages.prepare", "--params", str(bad)], cwd=REPO,
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = command("-m", "stages.prepare", "--params", str(bad))
     assert r.returncode == 2
     assert "data.image_size" in r.stderr and "Traceback" not in r.stderr
     # damaged data: re-running the stage repairs it (only the damaged shard is rewritten)
     good = tmp_path / "good.yaml"
-    good.write_text(f"data: {{root: {tmp_path / 'data'}, image_size: 8, shard_size: 1000}}\n")
-    from stages.prepare import main
-
-    main(["--params", str(good), "--quiet"])
+    good.write_text(f"data: {{root: {tmp_path / 'data'}, image_size: 8, shard_size: 1000}}\n"
+                    f"results: {tmp_path / 'results'}\n")
+    stage("prepare", good)
     d = tmp_path / "data" / "digits"
     before = _files(d)
     shard = d / "val-000000.tar"
     shard.write_bytes(shard.read_bytes()[:5000])
     with pytest.raises(FlowBackFileError, match="val-000000.tar"):
         verify(d)
-    main(["--params", str(good), "--quiet"])
+    stage("prepare", good)
     assert _files(d) == before

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+
+from conftest import ROOT, tiny_params
 
 import flowback.io as fio
-from flowback.io import load_torch, save_torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from flowback.io import DiskFullError, load_torch, save_torch
 
 
 def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -28,7 +27,8 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match=r"state.pt: no space left on the device .* needed, .* free\); the "
+                                            r"previous file is intact"):
         save_torch(path, {"step": 2, "w": torch.zeros(3)})
     monkeypatch.setattr(torch, "save", real_save)
     state = load_torch(path)
@@ -45,16 +45,34 @@ def test_write_error_in_json_keeps_the_previous_file(tmp_path, monkeypatch):
     assert fio.load_json(path) == {"fid": 1.0}
 
 
-def tiny_params(tmp: Path, steps: int) -> Path:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["results"] = str(tmp / "results")
-    raw["data"]["root"] = str(tmp / "data")
-    raw["model"].update(width=16, layers=1, head_dim=8, mlp_ratio=1)
-    raw["train"].update(steps=steps, batch_size=8, warmup_steps=1, checkpoint_every=5, log_every=1, threads=1)
-    raw["experiments"] = {"baseline": {"strategy": "none"}}
-    path = tmp / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+def test_dead_writers_temporary_files_are_removed_by_the_next_writer(tmp_path):
+    path = tmp_path / "state.pt"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    host = fio._HOST
+    left = tmp_path / f".state.pt.{host}.{dead.pid}.abc123.tmp"
+    mine = tmp_path / f".state.pt.{host}.{os.getpid()}.def456.tmp"
+    other_host = tmp_path / f".state.pt.elsewhere.{dead.pid}.ghi789.tmp"
+    for f in (left, mine, other_host):
+        f.write_bytes(b"half a checkpoint")
+    save_torch(path, {"step": 1})
+    assert not left.exists() and mine.exists() and other_host.exists()
+    assert ".state.pt.*.tmp" in (ROOT / ".gitignore").read_text() or "*.tmp" in (ROOT / ".gitignore").read_text()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_outputs_honour_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        fio.save_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == mode
+
+
+def tiny(tmp: Path, steps: int, **sample) -> Path:
+    return tiny_params(tmp, train={"steps": steps, "checkpoint_every": 5}, sample=sample or {},
+                       experiments={"baseline": {"strategy": "none"}})
 
 
 def run_stage(*args):
@@ -69,12 +87,12 @@ def test_train_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path)
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         d.mkdir()
-        params = tiny_params(d, steps)
+        params = tiny(d, steps)
         assert run_stage("stages.prepare", "--params", str(params), "--quiet").wait() == 0
-    full = run_stage("stages.train", "--params", str(tiny_params(a, steps)), "--experiment", "baseline", "--quiet")
+    full = run_stage("stages.train", "--params", str(tiny(a, steps)), "--experiment", "baseline-s0", "--quiet")
 
-    state = b / "results" / "runs" / "baseline" / ".resume" / "state.pt"
-    victim = run_stage("stages.train", "--params", str(tiny_params(b, steps)), "--experiment", "baseline", "--quiet")
+    state = b / "results" / "runs" / "baseline-s0" / ".resume" / "state.pt"
+    victim = run_stage("stages.train", "--params", str(tiny(b, steps)), "--experiment", "baseline-s0", "--quiet")
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline and victim.poll() is None:
         time.sleep(0.05)
@@ -82,24 +100,24 @@ def test_train_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
-    model_b = b / "results" / "runs" / "baseline" / "model.pt"
+    model_b = b / "results" / "runs" / "baseline-s0" / "model.pt"
     assert not model_b.exists(), "the run finished before it was killed: raise `steps`"
     killed_at = load_torch(state)["step"]
     assert 0 < killed_at < steps
 
-    resumed = run_stage("stages.train", "--params", str(tiny_params(b, steps)), "--experiment", "baseline", "--quiet")
+    resumed = run_stage("stages.train", "--params", str(tiny(b, steps)), "--experiment", "baseline-s0", "--quiet")
     assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
     assert full.wait() == 0, full.stderr.read().decode()[-2000:]
-    wa = load_torch(a / "results" / "runs" / "baseline" / "model.pt")["weights"]
+    wa = load_torch(a / "results" / "runs" / "baseline-s0" / "model.pt")["weights"]
     wb = load_torch(model_b)["weights"]
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    log_a = (a / "results" / "runs" / "baseline" / "train_log.csv").read_text()
-    log_b = (b / "results" / "runs" / "baseline" / "train_log.csv").read_text()
+    log_a = (a / "results" / "runs" / "baseline-s0" / "train_log.csv").read_text()
+    log_b = (b / "results" / "runs" / "baseline-s0" / "train_log.csv").read_text()
     assert log_a == log_b
     assert not state.exists()  # the finished stage removes its resume state
-    summary = fio.load_json(b / "results" / "runs" / "baseline" / "train.json")
+    summary = fio.load_json(b / "results" / "runs" / "baseline-s0" / "train_timing.json")
     assert summary["resumed_from"] == killed_at  # it really continued, rather than starting over identically
 
 
@@ -109,11 +127,8 @@ def test_sample_killed_with_sigkill_resumes_without_duplicates_or_gaps(tmp_path)
 
     a = tmp_path / "a"
     a.mkdir()
-    params_a = tiny_params(a, 20)
-    raw = yaml.safe_load(params_a.read_text())
-    raw["sample"].update(per_class=60, batch_size=10, device="cpu")  # 600 images in 60 chunks
-    params_a.write_text(yaml.safe_dump(raw, sort_keys=False))
-    for stage in (("stages.prepare",), ("stages.train", "--experiment", "baseline")):
+    params_a = tiny(a, 20, per_class=60, batch_size=10)  # 600 images in 60 chunks
+    for stage in (("stages.prepare",), ("stages.train", "--experiment", "baseline-s0")):
         p = run_stage(*stage, "--params", str(params_a), "--quiet")
         assert p.wait() == 0, p.stderr.read().decode()[-2000:]
     b = tmp_path / "b"
@@ -121,9 +136,9 @@ def test_sample_killed_with_sigkill_resumes_without_duplicates_or_gaps(tmp_path)
     params_b = b / "params.yaml"
     params_b.write_text(params_a.read_text().replace(str(a), str(b)))
 
-    full = run_stage("stages.sample", "--params", str(params_a), "--experiment", "baseline", "--quiet")
-    run_b = b / "results" / "runs" / "baseline"
-    victim = run_stage("stages.sample", "--params", str(params_b), "--experiment", "baseline", "--quiet")
+    full = run_stage("stages.sample", "--params", str(params_a), "--experiment", "baseline-s0", "--quiet")
+    run_b = b / "results" / "runs" / "baseline-s0"
+    victim = run_stage("stages.sample", "--params", str(params_b), "--experiment", "baseline-s0", "--quiet")
     deadline = time.time() + 120
     while not (run_b / "chunks" / "000003.npz").exists() and time.time() < deadline and victim.poll() is None:
         time.sleep(0.02)
@@ -133,10 +148,10 @@ def test_sample_killed_with_sigkill_resumes_without_duplicates_or_gaps(tmp_path)
     done = len(list((run_b / "chunks").glob("*.npz")))
     assert not (run_b / "samples.npz").exists() and 3 <= done < 60, "the kill should land mid-way"
 
-    resumed = run_stage("stages.sample", "--params", str(params_b), "--experiment", "baseline", "--quiet")
+    resumed = run_stage("stages.sample", "--params", str(params_b), "--experiment", "baseline-s0", "--quiet")
     assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
     assert full.wait() == 0, full.stderr.read().decode()[-2000:]
-    sa = fio.load_npz(a / "results" / "runs" / "baseline" / "samples.npz")
+    sa = fio.load_npz(a / "results" / "runs" / "baseline-s0" / "samples.npz")
     sb = fio.load_npz(run_b / "samples.npz")
     assert sb["arr_0"].shape == (600, 16, 16, 1)
     assert (sb["arr_1"] == sa["arr_1"]).all() and (sb["arr_1"].reshape(60, 10) == range(10)).all()  # balanced

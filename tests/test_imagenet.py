@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import stage
 from PIL import Image
 
 from flowback.data import sources
-from flowback.data.imagenet import write_imagenet_split
 from flowback.data.loader import epoch_batches, make_loader
-from flowback.data.shards import read_latents, read_split, verify, write_manifest
+from flowback.data.manifest import read_latents, read_split, verify, write_manifest
 from flowback.data.transforms import adm_crop, crop_square, decode_rgb, tarflow_crop
 from flowback.io import FlowBackFileError, load_json, sha256_file
 
@@ -85,7 +85,8 @@ def source(tmp_path_factory) -> Path:
 def params_file(tmp_path: Path, source: Path, **data) -> Path:
     data = {"dataset": "imagenet", "source": str(source), "root": str(tmp_path / "data"), "image_size": 16,
             "classes": len(WNIDS), "shard_size": 8, "workers": 2, **data}
-    text = "data: {" + ", ".join(f"{k}: {v}" for k, v in data.items()) + "}\nmodel: {patch_size: 2}\n"
+    text = ("data: {" + ", ".join(f"{k}: {v}" for k, v in data.items()) + "}\nmodel: {patch_size: 2}\n"
+            f"results: {tmp_path / 'results'}\n")
     path = tmp_path / "params.yaml"
     path.write_text(text)
     return path
@@ -99,10 +100,8 @@ def run_prepare(path: Path) -> subprocess.CompletedProcess:
 
 def prepare_here(path: Path, capsys) -> tuple[int, str, str]:
     """The stage in this process (faster than a subprocess when it needs no process of its own)."""
-    from stages.prepare import main
-
     try:
-        main(["--params", str(path), "--quiet"])
+        stage("prepare", path)
         code = 0
     except SystemExit as e:
         code = e.code
@@ -207,11 +206,14 @@ def test_tar_source_gives_the_same_shards(source, prepared, tmp_path, capsys):
 def test_kill_9_while_writing_shards_resumes_to_the_same_manifest(source, prepared, tmp_path):
     params = params_file(tmp_path, source, workers=1, shard_size=2)  # 18 + 6 shards, one at a time
     out = tmp_path / "data" / "imagenet"
-    proc = subprocess.Popen([sys.executable, "-m", "stages.prepare", "--params", str(params), "--quiet"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the stage with every shard write slowed to 0.2 s, so the kill lands mid-way however fast the machine is
+    slow = ("import time, flowback.data.imagenet as m; w = m.write_samples; "
+            "m.write_samples = lambda *a, **k: (time.sleep(0.2), w(*a, **k)); "
+            f"from flowback.stage import main; main('prepare', ['--params', {str(params)!r}, '--quiet'])")
+    proc = subprocess.Popen([sys.executable, "-c", slow], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("train-*.tar"))) < 3 and proc.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     written = len(list(out.glob("train-*.tar")))
@@ -315,7 +317,7 @@ def test_loader_refuses_a_planted_pickle(prepared, tmp_path):
     import pickle
     import shutil
 
-    from flowback.data.shards import write_samples
+    from flowback.data.format import write_samples
 
     d = tmp_path / "copy"
     shutil.copytree(prepared, d)
@@ -339,25 +341,17 @@ def _latent_params(tmp_path: Path, source: Path, vae: Path):
     path = tmp_path / "params.yaml"
     path.write_text(f"data: {{dataset: imagenet, source: {source}, root: {tmp_path / 'data'}, image_size: 32, "
                     f"classes: 4, shard_size: 10, workers: 2, format: latent, resize: adm, encode_batch_size: 7}}\n"
-                    f"model: {{patch_size: 1, latent: {{vae_dir: {vae}}}}}\ntrain: {{device: cpu}}\n")
+                    f"model: {{patch_size: 1, latent: {{vae_dir: {vae}}}}}\nruntime: {{device: cpu, threads: 1}}\n"
+                    f"results: {tmp_path / 'results'}\n")
     return path, load_params(path)
 
 
-@pytest.fixture
-def one_thread():
-    """torchrun gives each rank one thread; comparing bits with it needs the same arithmetic here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_latent_shards_hold_mean_and_std_of_image_and_flip(source, vae_dir, tmp_path, one_thread):
+    from flowback.data.latents import encode_dataset
     from flowback.models.vae import LatentCodec, load_vae
-    from stages.encode import encode
 
     _, params = _latent_params(tmp_path, source, vae_dir)
-    summary = encode(params, show_progress=False)
+    summary = encode_dataset(params, show_progress=False)
     assert summary["train"]["count"] == 36 and summary["val"]["per_class"] == [3] * 4
     out = tmp_path / "data" / "imagenet"
     manifest = load_json(out / "manifest.json")
@@ -379,7 +373,7 @@ def test_latent_shards_hold_mean_and_std_of_image_and_flip(source, vae_dir, tmp_
     # two ranks, each its own shards (simulated in one process) -> the same manifest
     from flowback.data.imagenet import make_jobs
     from flowback.data.latents import LatentShardBuilder
-    from flowback.data.shards import collect_entries, write_jobs
+    from flowback.data.writer import collect_entries, write_jobs
 
     other = tmp_path / "ranks"
     settings = {"image_size": 32, "resize": "adm", "skip_undecodable": False, "keep_pixels": True}
@@ -394,7 +388,7 @@ def test_latent_shards_hold_mean_and_std_of_image_and_flip(source, vae_dir, tmp_
 
     # a sample whose array has the wrong dtype or shape is an error naming shard and sample
     from flowback.data.latents import npy_bytes
-    from flowback.data.shards import encode_png, write_samples
+    from flowback.data.format import encode_png, write_samples
 
     shard = out / "val-000001.tar"
     png = encode_png(np.zeros((3, 32, 32), np.uint8))
@@ -403,7 +397,7 @@ def test_latent_shards_hold_mean_and_std_of_image_and_flip(source, vae_dir, tmp_
                           {"__key__": "val-0000011", "mean.npy": npy_bytes(np.zeros((4, 8, 8), np.float16)),
                            "std.npy": npy_bytes(np.ones((2, 4, 8, 8), np.float16)), "cls": b"3", "png": png}])
     manifest["splits"]["val"]["shards"][1]["sha256"] = sha256_file(shard)
-    write_manifest(out, {k: v for k, v in manifest.items() if k != "format"})
+    write_manifest(out, manifest)
     with pytest.raises(FlowBackFileError, match=r"val-000001.tar: sample 'val-0000010': .mean.npy is float32 "
                                                 r"\[2, 4, 8, 8\], expected float16 \[2, 4, 8, 8\]"):
         verify(out)
@@ -419,16 +413,16 @@ def test_latent_format_needs_a_vae():
 
 
 def test_torchrun_two_ranks_write_what_one_process_writes(source, vae_dir, tmp_path, one_thread):
-    from stages.encode import encode
+    from flowback.data.latents import encode_dataset
 
     (tmp_path / "one").mkdir()
     _, params = _latent_params(tmp_path / "one", source, vae_dir)
-    encode(params, show_progress=False)
+    encode_dataset(params, show_progress=False)
     two = tmp_path / "two"
     two.mkdir()
     path2, _ = _latent_params(two, source, vae_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stages.encode",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stages.prepare",
                         "--params", str(path2), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=env)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import stage
 import torch
 import torch_fidelity
 from torch_fidelity.metric_fid import fid_statistics_to_metric
@@ -350,76 +351,73 @@ def _separable_split(seed: int, n: int):
     return images, labels
 
 
-def test_stage_main_trains_saves_and_reports(tmp_path, monkeypatch, capsys):
-    from stages import metricnet
+def test_stage_trains_saves_and_reports(tmp_path, monkeypatch, capsys):
+    import flowback.data.manifest as manifest
 
     seen = {}
 
-    def fake_load_splits(params):
+    def fake_load_split(params, split):
         seen["dir"] = params.data.dir
-        return _separable_split(0, 300), _separable_split(1, 100)
+        return _separable_split(0 if split == "train" else 1, 300 if split == "train" else 100)
 
-    monkeypatch.setattr(metricnet, "load_splits", fake_load_splits)
+    monkeypatch.setattr(manifest, "load_split", fake_load_split)
     out_dir = tmp_path / "metric"
     params = tmp_path / "params.yaml"
     params.write_text(f"data: {{root: {tmp_path / 'data'}}}\n"
-                      f"metrics: {{dir: {out_dir}, train: {{steps: 150, batch_size: 64, lr: 0.003, seed: 0}}}}\n")
-    metricnet.main(["--params", str(params), "--quiet"])
+                      f"metrics: {{dir: {out_dir}, train: {{steps: 150, batch_size: 64, lr: 0.003, seed: 0}}}}\n"
+                      f"results: {tmp_path / 'results'}\n")
+    stage("metricnet", params)
     assert seen["dir"] == tmp_path / "data" / "digits"
     report = json.loads((out_dir / "metrics.json").read_text())
-    assert set(report) == {"train_acc", "val_acc", "steps", "seconds"} and report["steps"] == 150
+    assert set(report) == {"train_acc", "val_acc", "steps"} and report["steps"] == 150
     assert report["val_acc"] > 0.9
     net = load_digitnet(out_dir)
     assert net.config["num_classes"] == 10
     assert "val_acc" in capsys.readouterr().out
 
 
-def test_stage_main_without_train_spec_is_a_clear_error(tmp_path, capsys):
-    from stages import metricnet
-
+def test_stage_without_train_spec_is_a_clear_error(tmp_path, capsys):
     params = tmp_path / "params.yaml"
-    params.write_text(f"metrics: {{dir: {tmp_path / 'm'}, train: null}}\n")
+    params.write_text(f"metrics: {{dir: {tmp_path / 'm'}, train: null}}\nresults: {tmp_path / 'results'}\n")
     with pytest.raises(SystemExit) as exit_info:
-        metricnet.main(["--params", str(params)])
+        stage("metricnet", params)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "metrics.dir" in err and "weights" in err and "Traceback" not in err
+    assert "metrics.train" in err and "weights" in err and "Traceback" not in err
     assert not (tmp_path / "m").exists()
 
 
-def test_stage_main_bad_params_no_traceback(tmp_path, capsys):
-    from stages import metricnet
-
+def test_stage_bad_params_no_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        metricnet.main(["--params", str(tmp_path / "missing.yaml")])
+        stage("metricnet", tmp_path / "missing.yaml")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "missing.yaml" in err and "Traceback" not in err
 
 
-def test_stage_main_data_error_no_traceback(tmp_path, monkeypatch, capsys):
-    from stages import metricnet
+def test_stage_data_error_no_traceback(tmp_path, monkeypatch, capsys):
+    import flowback.data.manifest as manifest
 
-    def broken(params):
-        raise FlowBackFileError(f"{params.data.dir}/train: shard missing")
+    def broken(params, split):
+        raise FlowBackFileError(f"{params.data.dir}/{split}: shard missing")
 
-    monkeypatch.setattr(metricnet, "load_splits", broken)
+    monkeypatch.setattr(manifest, "load_split", broken)
     params = tmp_path / "params.yaml"
-    params.write_text(f"metrics: {{dir: {tmp_path / 'm'}, train: {{steps: 1}}}}\n")
+    params.write_text(f"metrics: {{dir: {tmp_path / 'm'}, train: {{steps: 1}}}}\nresults: {tmp_path / 'results'}\n")
     with pytest.raises(SystemExit) as exit_info:
-        metricnet.main(["--params", str(params)])
+        stage("metricnet", params)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "shard missing" in err and "Traceback" not in err
 
 
-def test_train_metricnet_core_with_arrays(tmp_path):
-    from stages.metricnet import train_metricnet
+def test_train_and_save_with_arrays(tmp_path):
+    from flowback.metrics.digitnet import train_and_save
 
     train = _separable_split(0, 300)
     wrong = (train[0], (train[1] + 1) % 10)  # val = same images, wrong labels: val_acc must come from val
-    report = train_metricnet(train, wrong, TrainSpec(steps=150, batch_size=64, lr=3e-3), 10, tmp_path / "m",
-                             show_progress=False)
+    report = train_and_save(train, wrong, TrainSpec(steps=150, batch_size=64, lr=3e-3), 10, tmp_path / "m",
+                            show_progress=False)
     assert report["train_acc"] > 0.9 and report["val_acc"] < 0.1 and report["steps"] == 150
     assert json.loads((tmp_path / "m" / "metrics.json").read_text()) == report
 

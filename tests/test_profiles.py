@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stage
 
 from flowback.builders import flow_config
 from flowback.paper import TABLES
@@ -34,7 +35,7 @@ def test_imagenet64_is_tarflows_published_recipe(profiles):
     assert 440 < millions < 480  # TARFlow's ImageNet-64 model: about 460M parameters
     assert (p.train.batch_size, p.train.lr, p.model.noise_std, p.model.label_drop) == (256, 1e-4, 0.05, 0.1)
     assert p.sample.per_class * p.data.num_classes == 50_000 and p.sample.guidance.method == "none"
-    l6 = p.experiment("reverse_78_l6")
+    l6 = p.run("reverse_78_l6-s0")
     assert l6.positions == [(7, 6), (8, 6)]
 
 
@@ -43,8 +44,8 @@ def test_imagenet256_trains_on_vae_latents(profiles):
     cfg = flow_config(p)
     assert (cfg.channels, cfg.image_size, cfg.num_tokens) == (4, 32, 256)
     assert p.model.noise_std == 0.2 and p.data.format == "latent" and p.data.resize == "adm"
-    assert flow_config(p.experiment("rrepa_patch1").params).num_tokens == 1024  # "Patch1"
-    assert p.experiment("rrepa_patch1").params.sample.guidance.method == "tarflow"
+    assert flow_config(p.run("rrepa_patch1-s0").params).num_tokens == 1024  # "Patch1"
+    assert p.run("rrepa_patch1-s0").params.sample.guidance.method == "tarflow"
 
 
 def test_profiles_name_the_pretrained_networks_to_fetch(profiles):
@@ -60,7 +61,6 @@ def test_profiles_name_the_pretrained_networks_to_fetch(profiles):
 def test_metricnet_converts_fetched_inception_to_safetensors(tmp_path):
     """Paper profiles: the fetched torch-fidelity file becomes {metrics.dir}/model.safetensors, same features."""
     from flowback.metrics.inception import INCEPTION_FILE, load_inception, random_inception_state
-    from stages.metricnet import main
 
     d = tmp_path / "inception"
     d.mkdir()
@@ -68,8 +68,8 @@ def test_metricnet_converts_fetched_inception_to_safetensors(tmp_path):
     x = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     before = load_inception(d).features(x)
     params = tmp_path / "params.yaml"
-    params.write_text(f"metrics: {{network: inception, dir: {d}}}\n")
-    main(["--params", str(params), "--quiet"])
+    params.write_text(f"metrics: {{network: inception, dir: {d}}}\nresults: {tmp_path / 'results'}\n")
+    stage("metricnet", params)
     assert (d / "model.safetensors").exists() and (d / "metrics.json").exists()
     (d / INCEPTION_FILE).unlink()  # from now on only the safetensors file is read
     after = load_inception(d).features(x)

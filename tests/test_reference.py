@@ -5,9 +5,11 @@ FID and IS on (random) Inception, and the classifier's inputs in latent mode."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import stage
 import torch
 import torch_fidelity
 
@@ -168,16 +170,14 @@ def test_adm_batch_of_another_network_is_an_error(tmp_path):
 
 
 def test_stage_writes_npz_and_report_and_names_a_broken_batch(tmp_path, capsys):
-    from stages import reference
-
     net = digitnet()
     save_digitnet(net, tmp_path / "metric")
     adm = tmp_path / "VIRTUAL_tiny.npz"
     fake_adm_batch(adm)
     params = tmp_path / "params.yaml"
     params.write_text(f"metrics: {{dir: {tmp_path / 'metric'}, isc_splits: 2, reference_batch: {adm}}}\n"
-                      f"train: {{device: cpu}}\nsample: {{device: cpu}}\n")
-    reference.main(["--params", str(params), "--quiet"])
+                      f"results: {tmp_path / 'results'}\nruntime: {{device: cpu}}\n")
+    stage("reference", params)
     report = json.loads((tmp_path / "metric" / "reference.json").read_text())
     assert report["count"] == 60 and report["network"] == "digitnet" and report["stats_from"] == "file"
     assert report["dims"] == {"pool": 128, "spatial": 256} and report["source"] == str(adm)
@@ -188,41 +188,38 @@ def test_stage_writes_npz_and_report_and_names_a_broken_batch(tmp_path, capsys):
     assert loaded.count == 60
     fake_adm_batch(adm, drop="sigma")
     with pytest.raises(SystemExit) as e:
-        reference.main(["--params", str(params), "--quiet"])
+        stage("reference", params)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "VIRTUAL_tiny.npz: not an ADM reference batch, missing sigma" in err and "Traceback" not in err
 
 
 def test_evaluate_without_or_with_a_stale_reference_says_to_run_the_reference_stage(tmp_path, capsys):
-    from stages import evaluate, reference
-
     save_digitnet(digitnet(0), tmp_path / "metric")
     adm = tmp_path / "VIRTUAL_tiny.npz"
     fake_adm_batch(adm)
     params = tmp_path / "params.yaml"
     params.write_text(f"metrics: {{dir: {tmp_path / 'metric'}, isc_splits: 2, reference_batch: {adm}}}\n"
-                      f"results: {tmp_path / 'results'}\ntrain: {{device: cpu}}\nsample: {{device: cpu}}\n")
-    args = ["--params", str(params), "--quiet", "--experiment", "baseline"]
+                      f"results: {tmp_path / 'results'}\nruntime: {{device: cpu}}\n")
     npz = tmp_path / "metric" / "reference" / "VIRTUAL_tiny.npz"
     with pytest.raises(SystemExit):
-        evaluate.main(args)
+        stage("evaluate", params, "baseline-s0")
     err = capsys.readouterr().err
     assert f"{npz}: no reference statistics; run `python -m stages.reference` first" in err
 
-    reference.main(["--params", str(params), "--quiet"])
+    stage("reference", params)
     save_digitnet(digitnet(1), tmp_path / "metric")  # the metric network changed since
     with pytest.raises(SystemExit):
-        evaluate.main(args)
+        stage("evaluate", params, "baseline-s0")
     err = capsys.readouterr().err
     assert f"{npz}: computed with another metric network or settings (network_sha256: " in err
     assert "run `python -m stages.reference`" in err and "Traceback" not in err
 
 
 def test_latent_shards_without_pixels_need_a_reference_batch(tmp_path, monkeypatch):
-    import flowback.data.shards as shards
+    import flowback.data.manifest as manifest
 
-    monkeypatch.setattr(shards, "load_manifest", lambda d: {"members": ["mean.npy", "std.npy", "cls"]})
+    monkeypatch.setattr(manifest, "load_manifest", lambda d: SimpleNamespace(pixels=False))
     p = _digits_params(tmp_path)
     with pytest.raises(ParamsError, match=r"metrics.reference_batch: the shards in .* hold VAE latents without pixels"):
         compute_reference(p, digitnet(), show_progress=False)
@@ -279,16 +276,18 @@ def test_classifier_takes_float_latents_as_model_inputs():
 
 
 def test_classifier_inputs_in_latent_mode_are_the_unflipped_posterior_means(tmp_path, monkeypatch):
-    import flowback.data.shards as shards
+    import flowback.data.manifest as manifest
 
     p = validate({"data": {"dataset": "imagenet", "source": "/x", "root": str(tmp_path), "image_size": 32,
                            "format": "latent"}, "model": {"patch_size": 1, "latent": {"vae_dir": "/v"}}})
     mean = np.random.RandomState(0).randn(5, 2, 4, 4, 4).astype(np.float16)
-    monkeypatch.setattr(shards, "load_manifest", lambda d: dict(shards.prepared_settings(p)))
-    monkeypatch.setattr(shards, "read_latents", lambda d, split: {"mean": mean, "std": mean, "label": np.arange(5)})
+    settings = {**manifest.prepared_settings(p), "splits": {}}
+    monkeypatch.setattr(manifest, "load_manifest", lambda d: manifest.Manifest.model_validate(settings))
+    monkeypatch.setattr(manifest, "read_latents", lambda d, split: {"mean": mean, "std": mean, "label": np.arange(5)})
     inputs, labels = classifier_inputs(p, "val")
     assert inputs.dtype == np.float32 and np.array_equal(inputs, mean[:, 0].astype(np.float32))
     assert labels.tolist() == [0, 1, 2, 3, 4]
-    monkeypatch.setattr(shards, "load_manifest", lambda d: {**shards.prepared_settings(p), "image_size": 64})
+    monkeypatch.setattr(manifest, "load_manifest",
+                        lambda d: manifest.Manifest.model_validate({**settings, "image_size": 64}))
     with pytest.raises(FlowBackFileError, match="prepared with other settings"):
         classifier_inputs(p, "val")

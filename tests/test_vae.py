@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import stage
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -142,8 +143,8 @@ def latent_params(tmp_path, vae_dir):
     raw["results"] = str(tmp_path / "results")
     raw["model"].update(patch_size=1, width=16, blocks=2, layers=1, head_dim=8, mlp_ratio=1, noise_std=0.2,
                         latent={"vae_dir": str(vae_dir)})
-    raw["train"]["threads"] = 1
-    raw["sample"].update(per_class=1, batch_size=8, device="cpu")
+    raw["runtime"].update(threads=1, device="cpu")
+    raw["sample"].update(per_class=1, batch_size=8)
     raw["experiments"] = {"latent": {"strategy": "none"}}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -154,16 +155,15 @@ def test_sample_stage_decodes_latents_to_image_size(tmp_path, capsys):
     from flowback.builders import flow_config
     from flowback.checkpoints import save_flow
     from flowback.params import load_params
-    from stages import sample as stage
 
     sd_like = save_random_vae(tmp_path / "sd_like", block_out_channels=(8, 8, 8, 8))  # factor 8, as SD's VAE
     path = latent_params(tmp_path, sd_like)
     params = load_params(path)
-    cfg = flow_config(params.experiment("latent").params)
+    cfg = flow_config(params.run("latent-s0").params)
     assert (cfg.channels, cfg.image_size) == (4, params.data.image_size // 8)
-    save_flow(params.run_dir("latent") / "model.pt", random_flow(cfg))
-    stage.main(["--params", str(path), "--experiment", "latent", "--quiet"])
-    run = params.run_dir("latent")
+    save_flow(params.run_dir("latent-s0") / "model.pt", random_flow(cfg))
+    stage("sample", path, "latent-s0")
+    run = params.run_dir("latent-s0")
     npz = np.load(run / "samples.npz", allow_pickle=False)
     size = params.data.image_size
     assert npz["arr_0"].shape == (10, size, size, 3) and npz["arr_0"].dtype == np.uint8
@@ -172,5 +172,5 @@ def test_sample_stage_decodes_latents_to_image_size(tmp_path, capsys):
     # a VAE whose downsampling disagrees with the flow's latent grid stops the stage, naming its directory
     path = latent_params(tmp_path, save_random_vae(tmp_path / "factor_two"))
     with pytest.raises(SystemExit) as e:
-        stage.main(["--params", str(path), "--experiment", "latent", "--quiet"])
+        stage("sample", path, "latent-s0")
     assert e.value.code == 2 and "factor_two" in capsys.readouterr().err

@@ -118,8 +118,8 @@ def test_second_fetch_does_no_work(fetched, sources, monkeypatch):
     def no_download(*_args, **_kw):
         raise AssertionError("fetch downloaded a network whose directory already verifies")
 
-    for fn in ("_fetch_encoder", "_fetch_vae", "_fetch_inception"):
-        monkeypatch.setattr(w, fn, no_download)
+    for handler in w.HANDLERS.values():
+        monkeypatch.setattr(handler, "fetch", no_download)
     before = {p: p.stat().st_mtime_ns for p in (root / "w").rglob("*") if p.is_file()}
     lines: list[str] = []
     checks = w.fetch(validate(raw), {"encoder": sources["encoder"], "inception": sources["inception"]},

@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from ..io import FlowBackFileError
-from .shards import ShardJob, encode_png, sample_key, shard_name, split_entry, write_jobs, write_samples
+from .writer import ShardJob, split_entry, write_jobs
+from .format import encode_png, sample_key, shard_name, write_samples
 from .sources import ImageRef
 from .transforms import UndecodableImage, crop_square, decode_rgb
 

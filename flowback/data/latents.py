@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .imagenet import load_image
-from .shards import ShardJob, encode_png, sample_key, write_samples
+from .writer import ShardJob
+from .format import encode_png, sample_key, write_samples
 
 MEMBERS = ("mean.npy", "std.npy", "cls")
 MEMBERS_WITH_PIXELS = ("png", *MEMBERS)
@@ -76,3 +77,61 @@ class LatentShardBuilder:
         shape = (len(x), 2, *mean.shape[1:])
         return (mean.reshape(shape).cpu().numpy().astype(np.float16),
                 std.reshape(shape).cpu().numpy().astype(np.float16))
+
+
+def encode_dataset(params, show_progress: bool = True) -> dict:
+    """Write the latent shards of both splits and the manifest (data.format latent); returns the verify summary.
+
+    Under torchrun each rank encodes shards rank, rank + world, ... on its own GPU; rank 0 merges the ranks' progress
+    and writes the manifest; then every rank verifies its own shards and the per-class counts are summed, so no rank
+    waits idle while one reads everything. Resumable like prepare: shards already written from the same images, crop
+    and VAE are kept.
+    """
+    import os
+
+    from ..distributed import barrier, setup
+    from ..models.vae import LatentCodec, load_vae, vae_fingerprint
+    from ..params import ParamsError
+    from ..runtime import configure
+    from .imagenet import make_jobs, written_labels
+    from .manifest import MANIFEST, check_counts, count_shards, load_manifest, prepared_settings, write_manifest
+    from .sources import list_imagenet
+    from .writer import collect_entries, split_entry, write_jobs
+
+    d, lp = params.data, params.model.latent
+    dev, rank, world = setup(configure(params.runtime))
+    directory = Path(d.dir)
+    codec = LatentCodec(load_vae(lp.vae_dir, dev), lp.scale, d.encode_batch_size)
+    if codec.factor * (d.image_size // codec.factor) != d.image_size:
+        raise ParamsError(f"data.image_size: {d.image_size} is not a multiple of the VAE's downsampling {codec.factor}")
+    latent_shape = [2, codec.latent_channels, d.image_size // codec.factor, d.image_size // codec.factor]
+    settings = {"image_size": d.image_size, "resize": d.resize, "skip_undecodable": d.skip_undecodable,
+                "vae": vae_fingerprint(lp.vae_dir), "scale": lp.scale, "keep_pixels": d.keep_pixels}
+    wnids, refs = list_imagenet(d.source, d.num_classes, d.max_per_class)
+    if rank == 0:
+        (directory / MANIFEST).unlink(missing_ok=True)
+    build = LatentShardBuilder(codec, dev, d.workers or len(os.sched_getaffinity(0)))
+    jobs = {split: make_jobs(split, r, d.shard_size, settings) for split, r in refs.items()}
+    for split, split_jobs in jobs.items():
+        write_jobs(directory, split, split_jobs, build, workers=0, show_progress=show_progress and rank == 0,
+                   rank=rank, world=world)
+    barrier()
+    if rank == 0:
+        splits = {}
+        for split, split_jobs in jobs.items():
+            entries = collect_entries(directory, split, split_jobs)
+            splits[split] = split_entry(entries, written_labels(refs[split], entries), d.num_classes)
+        write_manifest(directory, {**prepared_settings(params), "shard_size": d.shard_size, "source": str(d.source),
+                                   "wnids": wnids, "members": list(MEMBERS_WITH_PIXELS if d.keep_pixels else MEMBERS),
+                                   "latent_shape": latent_shape, "vae": settings["vae"], "vae_hub": lp.hub,
+                                   "scale": lp.scale, "splits": splits})
+    barrier()
+    manifest = load_manifest(directory)
+    summary = {}
+    for split in manifest.splits:
+        counts = torch.from_numpy(count_shards(directory, split, slice(rank, None, world), manifest=manifest))
+        if world > 1:
+            counts = counts.to(dev)
+            torch.distributed.all_reduce(counts)
+        summary[split] = check_counts(directory, manifest, split, counts.cpu().numpy())
+    return summary

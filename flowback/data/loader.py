@@ -8,7 +8,7 @@ dry. The epoch length is the split's sample count / (world x batch size) batches
 Evaluation (`resampled=False`): the shard list is cut into disjoint parts by rank, then by worker; every sample
 is read exactly once across all ranks and workers (tested), in shard order within a part.
 
-Samples are decoded by flowback.data.shards.decode_sample (png/cls/npy only, allow_pickle=False), with the same
+Samples are decoded by flowback.data.format.decode_sample (png/cls/npy only, allow_pickle=False), with the same
 label-range and image-size checks as everywhere else; a bad sample stops the run with the shard and key named.
 """
 
@@ -24,7 +24,8 @@ import torch
 import webdataset as wds
 
 from ..io import FlowBackFileError
-from .shards import _BadMember, decode_sample, load_manifest, members_of
+from .format import BadMember, decode_sample, member_filter
+from .manifest import load_manifest
 
 
 def _worker() -> tuple[int, int]:
@@ -76,15 +77,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         super().__init__()
         directory = Path(directory)
         manifest = load_manifest(directory)
-        if split not in manifest["splits"]:
-            raise KeyError(f"{directory}: no split {split!r}")
-        self.entry = manifest["splits"][split]
-        self.source = ShardSource([str(directory / s["name"]) for s in self.entry["shards"]], rank, world, resampled,
-                                  seed)
-        pixels = "png" in members_of(manifest)
-        self.check = dict(num_classes=manifest["num_classes"], members=members_of(manifest),
-                          image_size=manifest["image_size"] if pixels else None,
-                          channels=manifest["channels"] if pixels else None)
+        self.entry = manifest.split(split, directory)
+        self.source = ShardSource([str(directory / s.name) for s in self.entry.shards], rank, world, resampled, seed)
+        pixels = manifest.pixels
+        self.check = dict(num_classes=manifest.num_classes, members=manifest.members,
+                          image_size=manifest.image_size if pixels else None,
+                          channels=manifest.channels if pixels else None)
         self.shuffle_buffer = shuffle_buffer if resampled else 0
         self.rank, self.seed = rank, seed
 
@@ -92,15 +90,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.source.set_epoch(epoch)
 
     def _raw(self) -> Iterator[dict[str, Any]]:
-        def select(name: str) -> bool:
-            if "." not in name.rsplit("/", 1)[-1]:
-                raise _BadMember(f"member {name!r} has no extension; refusing an unknown entry")
-            return True
-
         shards = iter(self.source)
         files = wds.tariterators.url_opener(shards, handler=wds.reraise_exception)
         yield from wds.tariterators.group_by_keys(
-            wds.tariterators.tar_file_expander(files, handler=wds.reraise_exception, select_files=select),
+            wds.tariterators.tar_file_expander(files, handler=wds.reraise_exception, select_files=member_filter("shard")),
             handler=wds.reraise_exception)
 
     def _decoded(self) -> Iterator[dict[str, Any]]:
@@ -110,7 +103,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield decode_sample(raw, raw.get("__url__", "?"), **self.check)
         except FlowBackFileError:
             raise
-        except _BadMember as e:
+        except BadMember as e:
             raise FlowBackFileError(e.message) from None
         except Exception as e:  # tarfile.ReadError, OSError, ValueError (duplicate member)...
             detail = " ".join(str(a) for a in e.args)
@@ -140,7 +133,7 @@ def epoch_batches(count: int, world: int, batch_size: int) -> int:
 
 def make_loader(directory: str | Path, split: str, batch_size: int, *, rank: int = 0, world: int = 1,
                 workers: int = 0, resampled: bool = True, seed: int = 0, shuffle_buffer: int = 1000,
-                batches: int | None = None) -> wds.WebLoader:
+                batches: int | None = None, pin_memory: bool = False) -> wds.WebLoader:
     """A DataLoader of {"image" uint8 (B, C, H, W) | "mean"/"std", "label", "key"} batches for this rank.
 
     Resampled loaders yield exactly `batches` (default: epoch_batches) batches per pass, split over the workers;
@@ -150,13 +143,14 @@ def make_loader(directory: str | Path, split: str, batch_size: int, *, rank: int
     stream = ShardStream(directory, split, rank=rank, world=world, resampled=resampled, seed=seed,
                          shuffle_buffer=shuffle_buffer)
     if resampled:
-        batches = batches or epoch_batches(stream.entry["count"], world, batch_size)
+        batches = batches or epoch_batches(stream.entry.count, world, batch_size)
         per_worker = math.ceil(batches / max(1, workers))
         pipeline = wds.DataPipeline(stream, wds.batched(batch_size, collation_fn=collate, partial=False)
                                     ).with_epoch(per_worker)
     else:
         pipeline = wds.DataPipeline(stream, wds.batched(batch_size, collation_fn=collate, partial=True))
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=False)
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=False,
+                           pin_memory=pin_memory)
     if resampled:
         loader = loader.with_epoch(batches).with_length(batches, silent=True)
     loader.set_epoch = stream.set_epoch  # type: ignore[attr-defined]

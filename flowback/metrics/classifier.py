@@ -64,7 +64,7 @@ def classifier_accuracy(
 def classifier_inputs(params: "Params", split: str) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, labels) of `split` for the classifier: uint8 images, or in latent mode (data.format latent) the
     float32 posterior means of the un-flipped images, (N, C, h, w). Refuses data prepared with other settings."""
-    from ..data.shards import check_prepared, load_split, read_latents
+    from ..data.manifest import check_prepared, load_split, read_latents
 
     d = params.data
     if params.model.latent is None:

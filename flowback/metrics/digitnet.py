@@ -42,6 +42,7 @@ class DigitNet(nn.Module):
         self.conv2 = nn.Conv2d(32, 64, 3, stride=2, padding=1)  # the "spatial" layer
         self.conv3 = nn.Conv2d(64, 128, 3, stride=2, padding=1)
         self.head = nn.Linear(128, num_classes, bias=False)  # bias-free: logits are "unbiased" as ADM's IS uses
+        self.num_classes = num_classes  # its logits are the data set's classes: class fidelity (cond_acc) is defined
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
@@ -204,3 +205,16 @@ def register_extractor() -> None:
 
 
 register_extractor()
+
+
+def train_and_save(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], spec, num_classes: int,
+                   directory: str | Path, show_progress: bool = True) -> dict:
+    """Train a DigitNet on `train`, save it to `directory` with an accuracy report (metrics.json); returns the report.
+
+    `spec`: steps, batch_size, lr, seed (params' metrics.train)."""
+    net = train_digitnet(train[0], train[1], steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
+                         seed=spec.seed, show_progress=show_progress, num_classes=num_classes)
+    save_digitnet(net, directory)
+    report = {"train_acc": accuracy(net, *train), "val_acc": accuracy(net, *val), "steps": spec.steps}
+    save_json(Path(directory) / "metrics.json", report)
+    return report

@@ -103,3 +103,27 @@ def metrics_from_reference(sample_feats: dict, mu: np.ndarray, sigma: np.ndarray
         "precision": float(prc[KEY_METRIC_PRECISION]),
         "recall": float(prc[KEY_METRIC_RECALL]),
     }
+
+
+def load_samples(path: str | Path, channels: int, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """An ADM-format samples .npz -> (uint8 NCHW images, labels or None), checked against the expected shape."""
+    from ..data.images import nhwc_to_nchw
+    from ..io import FlowBackFileError, load_npz
+
+    data = load_npz(path)
+    if "arr_0" not in data:
+        raise FlowBackFileError(f"{path}: no arr_0 (ADM format: uint8 NHWC images in arr_0)")
+    x = data["arr_0"]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (size, size, channels):
+        raise FlowBackFileError(f"{path}: expected uint8 images of shape (N, {size}, {size}, {channels}), "
+                                f"got {x.dtype} {x.shape}")
+    labels = data.get("arr_1")
+    if labels is not None and (labels.ndim != 1 or len(labels) != len(x)):
+        raise FlowBackFileError(f"{path}: arr_1 (labels) has shape {labels.shape}, expected ({len(x)},)")
+    # NCHW contiguous, as the reference stage converts its images, so both take the same conv kernels
+    return np.ascontiguousarray(nhwc_to_nchw(x)), labels
+
+
+def conditional_accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
+    """Classification accuracy score: how often the metric network recognises the class a sample was drawn for."""
+    return float((logits.argmax(dim=1).numpy() == np.asarray(labels)).mean())

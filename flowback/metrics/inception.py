@@ -136,11 +136,7 @@ def _load_state(path: Path) -> dict:
     try:
         state = load_torch(path)  # weights_only=True: tensors only, never arbitrary objects
     except FlowBackFileError as e:
-        cause = e.__cause__ or e
-        lines = [line.strip() for line in str(cause).splitlines() if line.strip()] or [""]
-        why = next((line for line in lines if "GLOBAL" in line), lines[0])  # torch names the refused object there
-        raise FlowBackFileError(f"{path}: cannot load with weights_only=True ({type(cause).__name__}: {why}); "
-                                f"{_FETCH_HINT}") from e
+        raise FlowBackFileError(f"{e}; {_FETCH_HINT}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise FlowBackFileError(f"{path}: not a state dict of tensors; {_FETCH_HINT}")
     return state

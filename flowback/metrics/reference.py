@@ -98,13 +98,11 @@ def network_fingerprint(net: nn.Module) -> str:
 
 def _split_sha256(params: "Params", split: str) -> str:
     """The split's content as the manifest records it (per-shard sha256, counts, skips) and the data settings."""
-    from ..data.shards import load_manifest, prepared_settings
+    from ..data.manifest import load_manifest, prepared_settings
 
-    manifest = load_manifest(params.data.dir)
-    entry = manifest.get("splits", {}).get(split)
-    if entry is None:
-        raise FlowBackFileError(f"{Path(params.data.dir) / 'manifest.json'}: no split {split!r}")
-    blob = json.dumps({"settings": prepared_settings(params), "split": entry}, sort_keys=True, default=str)
+    entry = load_manifest(params.data.dir).split(split, Path(params.data.dir))
+    blob = json.dumps({"settings": prepared_settings(params), "split": entry.model_dump(mode="json")}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -231,9 +229,9 @@ def compute_reference(params: "Params", net: nn.Module, device: str | torch.devi
                                     f"gives features of dims {ours}: the file was made for another network "
                                     f"(ADM's batches are for network: inception)")
         return ref
-    from ..data.shards import load_manifest, load_split, members_of
+    from ..data.manifest import load_manifest, load_split
 
-    if "png" not in members_of(load_manifest(params.data.dir)):
+    if not load_manifest(params.data.dir).pixels:
         raise ParamsError(f"metrics.reference_batch: the shards in {params.data.dir} hold VAE latents without "
                           f"pixels, so no reference images can be read from split {mp.reference_split!r}; set "
                           f"metrics.reference_batch to an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) "
@@ -254,20 +252,20 @@ def save_reference(path: str | Path, ref: ReferenceStats) -> None:
              stats_from=np.str_(ref.stats_from), fingerprint=np.str_(json.dumps(ref.fingerprint, sort_keys=True)))
 
 
-def reference_report(ref: ReferenceStats, path: str | Path, network: str, seconds: float, isc_splits: int) -> dict:
-    """The JSON summary DVC tracks as metrics: count, source, network, feature dims, reference IS, seconds."""
+def reference_report(ref: ReferenceStats, path: str | Path, network: str, isc_splits: int) -> dict:
+    """The JSON summary DVC tracks as metrics: count, source, network, feature dims, reference IS."""
     finite = lambda x: None if not math.isfinite(x) else x  # noqa: E731  (JSON has no NaN)
     return {"count": ref.count, "source": ref.source, "stats_from": ref.stats_from, "network": network,
             "dims": ref.dims(), "is": finite(ref.inception_score), "is_std": finite(ref.inception_score_std),
-            "isc_splits": isc_splits, "seconds": round(seconds, 3), "file": str(path),
+            "isc_splits": isc_splits, "file": str(path),
             "fingerprint": ref.fingerprint}
 
 
-def write_reference(params: "Params", ref: ReferenceStats, seconds: float) -> dict:
+def write_reference(params: "Params", ref: ReferenceStats) -> dict:
     """Save the .npz at `reference_path(params)` and the JSON report at `report_path(params)`; returns the report."""
     path = reference_path(params)
     save_reference(path, ref)
-    report = reference_report(ref, path, params.metrics.network, seconds, params.metrics.isc_splits)
+    report = reference_report(ref, path, params.metrics.network, params.metrics.isc_splits)
     save_json(report_path(params), report)
     return report
 

@@ -47,6 +47,12 @@ def _checked(loaded) -> nn.Module:
     return vae
 
 
+def load_pretrained_vae(source: str | Path) -> nn.Module:
+    """`AutoencoderKL.from_pretrained(source)` (a hub repo or a diffusers directory), safetensors only, with every
+    weight checked against the config (diffusers would only log a warning and keep random weights)."""
+    return _checked(_autoencoder_kl().from_pretrained(source, **_LOAD_ARGS))
+
+
 def load_vae(directory: str | Path, device: str | torch.device = "cpu", allow_hub: bool = False) -> nn.Module:
     """A frozen `AutoencoderKL` from a local diffusers directory; with `allow_hub`, the paper's VAE when it is empty."""
     directory = Path(directory)
@@ -55,7 +61,7 @@ def load_vae(directory: str | Path, device: str | torch.device = "cpu", allow_hu
         if not allow_hub:
             raise FlowBackFileError(f"{directory}: no VAE here (no {CONFIG_FILE}); {_FETCH_HINT}")
         try:
-            vae = _checked(AutoencoderKL.from_pretrained(HUB_VAE, **_LOAD_ARGS))
+            vae = load_pretrained_vae(HUB_VAE)
         except Exception as e:
             raise FlowBackFileError(f"{directory}: no VAE here, and loading {HUB_VAE} from the hub failed "
                                     f"({type(e).__name__}: {e}); {_FETCH_HINT}") from e
@@ -69,7 +75,7 @@ def load_vae(directory: str | Path, device: str | torch.device = "cpu", allow_hu
     if not (directory / WEIGHTS_FILE).exists():
         raise FlowBackFileError(f"{directory}: has {CONFIG_FILE} but no {WEIGHTS_FILE}; {_FETCH_HINT}")
     try:
-        vae = _checked(AutoencoderKL.from_pretrained(directory, local_files_only=True, **_LOAD_ARGS))
+        vae = _checked(AutoencoderKL.from_pretrained(directory, local_files_only=True, **_LOAD_ARGS))  # no hub
     except Exception as e:  # diffusers raises OSError, ValueError, TypeError... depending on what is wrong
         raise FlowBackFileError(f"{directory}: cannot load as a diffusers AutoencoderKL "
                                 f"({type(e).__name__}: {e}); {_FETCH_HINT}") from e
@@ -163,3 +169,21 @@ def save_vae(vae: nn.Module, directory: str | Path) -> list[str]:
         for f in files:
             os.replace(f, directory / f.name)
     return [f.name for f in files]
+
+
+# Stable Diffusion's VAE (sd-vae-ft-ema), for planning memory before its weights are fetched
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                     layers_per_block=2, norm_num_groups=32, sample_size=256)
+
+
+def vae_from_config(directory: str | Path) -> nn.Module:
+    """An AutoencoderKL of the architecture in `directory`'s config.json (Stable Diffusion's if there is none), with
+    random weights: what the memory plan measures on (usually under fake tensors)."""
+    path = Path(directory) / CONFIG_FILE
+    cfg = dict(SD_VAE_CONFIG)
+    if path.exists():
+        AutoencoderKL = _autoencoder_kl()
+        cfg = AutoencoderKL.load_config(str(path.parent))
+        return AutoencoderKL.from_config(cfg).eval().requires_grad_(False)
+    return _autoencoder_kl()(**cfg).eval().requires_grad_(False)

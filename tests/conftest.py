@@ -1,0 +1,77 @@
+"""Fixtures and helpers shared by the tests: the repository root, a tiny profile, running stages and commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_raw() -> dict:
+    """The default params.yaml as a dict."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def tiny_raw(tmp: Path, **sections) -> dict:
+    """The default profile shrunk to seconds, writing under `tmp`; `sections` update its sections
+    (e.g. train={"steps": 5}, experiments={...})."""
+    raw = default_raw()
+    raw["results"] = str(tmp / "results")
+    raw["data"]["root"] = str(tmp / "data")
+    raw["encoder"]["dir"] = str(tmp / "enc")
+    raw["encoder"]["kwargs"].update(embed_dim=16, depth=1, num_heads=2)
+    raw["encoder"]["train"]["steps"] = 5
+    raw["metrics"]["dir"] = str(tmp / "metric")
+    raw["metrics"]["train"]["steps"] = 5
+    raw["model"].update(width=16, layers=1, head_dim=8, mlp_ratio=1)
+    raw["train"].update(steps=3, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1)
+    raw["sample"].update(per_class=3, batch_size=16)
+    raw["runtime"]["threads"] = 1
+    raw["experiments"] = {"baseline": {"strategy": "none"}, "reverse_78": {"strategy": "reverse", "position": "7&8"}}
+    for section, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(section), dict) and section != "experiments":
+            raw[section].update(value)
+        else:
+            raw[section] = value
+    return raw
+
+
+def write_params(tmp: Path, raw: dict, name: str = "params.yaml") -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def tiny_params(tmp: Path, **sections) -> Path:
+    """A tiny profile's params file under `tmp` (see tiny_raw)."""
+    return write_params(tmp, tiny_raw(tmp, **sections))
+
+
+def stage(name: str, params: Path, run: str | None = None) -> None:
+    """Run a stage in this process, as its command would (flowback.stage.main); raises SystemExit on errors."""
+    from flowback.stage import main
+
+    main(name, ["--params", str(params), "--quiet"] + (["--experiment", run] if run else []))
+
+
+def command(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python <args>` in a fresh process with one torch thread; returns the completed process (text output)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (what the tiny profiles use), restoring the count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,96 @@
+"""Every stage of the pipeline, run in this process on a tiny profile: outputs, key files, locks, declared reads."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import stage, tiny_params
+
+from flowback.params import load_params
+from flowback.pipeline import Pipeline
+from flowback.tables import MISSING
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """prepare .. table on a tiny profile; reverse_78 and baseline at seed 0 run, baseline's seed 1 deliberately not."""
+    tmp = tmp_path_factory.mktemp("jobs")
+    p = tiny_params(tmp, experiments={"baseline": {"strategy": "none", "seeds": [0, 1]},
+                                      "reverse_78": {"strategy": "reverse", "position": "7&8"},
+                                      "forward_12": {"strategy": "forward", "position": "1&2"}})
+    for name in ("prepare", "encoder", "metricnet", "reference"):
+        stage(name, p)
+    for run in ("baseline-s0", "reverse_78-s0"):
+        for name in ("train", "sample", "evaluate"):
+            stage(name, p, run)
+    stage("table", p)
+    return tmp, p
+
+
+def test_every_stage_writes_its_outputs(pipeline_run):
+    tmp, p = pipeline_run
+    run = tmp / "results" / "runs" / "reverse_78-s0"
+    npz = np.load(run / "samples.npz", allow_pickle=False)
+    assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (30, 16, 16, 1)
+    assert np.bincount(npz["arr_1"]).tolist() == [3] * 10
+    assert (run / "samples.png").stat().st_size > 0 and not (run / "chunks").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("fid", "sfid", "is", "precision", "recall", "acc", "cond_acc"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["reference"] == "digits/train"
+    science = set(metrics) | set(json.loads((run / "train.json").read_text()))
+    assert not {"seconds", "images_per_second", "steps_per_second"} & science  # timings are not metrics
+    assert json.loads((run / "train_timing.json").read_text())["images_per_second"] > 0
+    ref_report = json.loads((tmp / "metric" / "reference.json").read_text())
+    assert ref_report["count"] == 1438 and ref_report["source"] == "digits/train" and "seconds" not in ref_report
+    train_log = pd.read_csv(run / "train_log.csv")
+    assert list(train_log["step"]) == [1, 2, 3] and train_log["align"].abs().gt(0).all()
+
+
+def test_the_table_marks_what_was_not_run_and_shows_seeds(pipeline_run):
+    tmp, _ = pipeline_run
+    tables = tmp / "results" / "tables"
+    df = pd.read_csv(tables / "ablation.csv")
+    assert list(df["Experiment"]) == ["baseline", "reverse_78", "forward_12"]
+    assert list(df["Seeds"]) == ["1/2", "1/1", "0/1"]
+    assert df.loc[df.Experiment == "forward_12", "FID"].isna().all()
+    fid = json.loads((tmp / "results" / "runs" / "reverse_78-s0" / "metrics.json").read_text())["fid"]
+    assert df.loc[df.Experiment == "reverse_78", "FID"].iloc[0] == pytest.approx(fid)
+    md = (tables / "ablation.md").read_text()
+    assert "Block 7&8" in md and MISSING in md and "not run" in md and "Cond. acc." in md
+    for figure in ("training_curves.png", "samples.png"):
+        assert (tables / figure).stat().st_size > 0
+
+
+def test_each_finished_stage_writes_its_key_file(pipeline_run):
+    tmp, p = pipeline_run
+    pipe = Pipeline(load_params(p), str(p))
+    done = {"prepare", "encoder", "metricnet", "reference", "table", "train@baseline-s0", "sample@reverse_78-s0"}
+    for name in done:
+        assert pipe.stamp(pipe.by_name[name]).exists(), name
+    assert not pipe.stamp(pipe.by_name["train@baseline-s1"]).exists()
+    assert len(list((tmp / "results" / "stamps").glob("*.key"))) == 4 + 1 + 3 * 2
+
+
+def test_a_second_runner_of_the_same_run_stops_naming_the_holder(pipeline_run, capsys):
+    from flowback.stage import run_lock
+
+    tmp, p = pipeline_run
+    run_dir = tmp / "results" / "runs" / "baseline-s0"
+    with run_lock(run_dir / ".lock", "train baseline-s0"):
+        with pytest.raises(SystemExit) as e:
+            stage("evaluate", p, "baseline-s0")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "is being run by pid" in err and "wait for it to finish" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_stage_that_reads_an_undeclared_key_fails_at_once(pipeline_run, monkeypatch, capsys):
+    import flowback.jobs.table as table
+
+    _, p = pipeline_run
+    monkeypatch.setattr(table, "NOTE_KEYS", [k for k in table.NOTE_KEYS if k != "train.steps"])
+    with pytest.raises(SystemExit):
+        stage("table", p)
+    assert "stage 'table' read params key 'train.steps'" in capsys.readouterr().err

@@ -1,0 +1,35 @@
+"""Result tables: the paper's wording, missing cells never filled, several seeds as mean ± std."""
+
+import pandas as pd
+import pytest
+
+from flowback.tables import MISSING, ablation_frame, position_label, to_markdown
+
+
+def test_position_labels_follow_the_paper():
+    assert position_label(None) == "-"
+    assert position_label("all") == "All blocks"
+    assert position_label("7&8") == "Block 7&8"
+    assert position_label("7&8 layer 6") == "Block 7&8, L6"
+
+
+def test_table_marks_missing_cells_and_never_fills_them():
+    df = ablation_frame([
+        {"experiment": "baseline", "strategy": "none", "position": None,
+         "runs": [{"fid": 1.0, "sfid": 2.0, "is": 3.0, "acc": 40.0, "cond_acc": 50.0}]},
+        {"experiment": "reverse_78", "strategy": "reverse", "position": "7&8", "runs": [None]},
+    ])
+    md = to_markdown(df, "t")
+    assert "| TARFlow baseline | -" in md and "1.00" in md
+    assert md.count(MISSING) >= 5 and "5 cells" in md
+
+
+def test_several_seeds_read_mean_and_sample_std():
+    runs = [{"fid": 10.0, "acc": 40.0}, {"fid": 14.0, "acc": 50.0}, None]
+    df = ablation_frame([{"experiment": "b", "strategy": "none", "position": None, "runs": runs}])
+    assert df["FID"].iloc[0] == pytest.approx(12.0) and df["FID std"].iloc[0] == pytest.approx(2 ** 0.5 * 2)
+    assert df["Seeds"].iloc[0] == "2/3"
+    md = to_markdown(df, "t")
+    assert "12.00 ± 2.83" in md and "45.00 ± 7.07" in md
+    assert pd.isna(ablation_frame([{"experiment": "b", "strategy": "none", "position": None,
+                                    "runs": [{"fid": 3.0}]}])["FID std"].iloc[0])
