@@ -125,3 +125,27 @@ def test_gs_metrics_rank_blocks_and_pick_the_initial_guess():
     assert plan.init == tuple(m.best_init for m in louder)
     hand = [BlockMetrics(1, 1.0, {"noise": 0.5, "zeros": 0.1}), BlockMetrics(2, 1.0, {"noise": 0.1, "zeros": 0.5})]
     assert gs_plan(hand).init == ("zeros", "noise") and gs_plan(hand, use_igm=False).init == ("noise", "noise")
+
+
+def test_a_diverging_iterate_keeps_only_the_exact_tokens_and_falls_back():
+    from flowback.models.jacobi import _segment, _sliding
+
+    u = torch.zeros(1, 6, 1)
+    calls = []
+
+    def update(j0, j1):  # the second pass overflows in its last token
+        out = torch.arange(j0, j1, dtype=torch.float32).view(1, -1, 1) + len(calls)
+        calls.append((j0, j1))
+        if len(calls) == 2:
+            out[:, -1] = float("inf")
+        return out
+
+    finished = []
+    count = {"passes": 0}
+    _segment(0, 6, 10, 1e-6, u, update, None, lambda *a: finished.append(a[:3]), count)
+    assert finished == [(0, 2, 6)] and count["passes"] == 2  # two passes: tokens 0 and 1 are exact
+    assert u[0, :2, 0].tolist() == [1.0, 2.0] and torch.isfinite(u).all()
+    finished.clear()
+    calls.clear()
+    _sliding(6, 3, 10, 1e-6, torch.zeros(1, 6, 1), update, lambda j: None, lambda *a: finished.append(a[:3]), count)
+    assert finished == [(1, 1, 6)]  # the first pass committed token 0, the second diverged

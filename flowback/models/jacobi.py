@@ -13,6 +13,9 @@ GS-Jacobi (Liu & Qin 2025, arXiv 2505.12849) refinements, all options of `Solver
   or "zeros".
 - per-block settings (chosen by their Convergence Ranking Metric): blocks whose CRM dominates are "tough" and get
   segments and a larger iteration cap, the rest plain Jacobi with a small cap (`gs_plan`).
+One refinement of ours, `window`: a sliding window instead of fixed segments. Each pass updates the next `window`
+tokens against the cached, committed ones, then commits the leading run that has converged and slides on, so no pass
+recomputes a finished token and the window moves as fast as the tokens converge.
 A segment still moving after max_iters passes, or whose iterate stops being finite, is finished by the KV-cached
 sequential solver from its first inexact token, with a JacobiFallbackWarning and a count in the stats: results are
 always those of the sequential solver, to the tolerance. Guidance runs the conditional and unconditional passes as
@@ -21,6 +24,7 @@ one batch of 2B, with per-token weights equal to the sequential steps'.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +49,11 @@ def _per_block(value, cast):
 
 @dataclass(frozen=True)
 class Solver:
-    """How to invert the blocks. Per-block fields take one value or a tuple with one per block, forward order."""
+    """How to invert the blocks. Per-block fields take one value or a tuple with one per block, forward order.
+
+    max_iters caps the passes of one segment (of a whole block for "jacobi"); with a window, the passes one token may
+    spend in the window. A cap at or above the segment length never falls back: S passes solve S tokens exactly.
+    """
 
     method: str = "sequential"  # sequential | jacobi | gs_jacobi
     tol: float = 1e-5  # a segment has converged when no token moved by more than this in a pass
@@ -177,10 +185,10 @@ def _segment(j0, j1, max_iters, tol, u, update, cut, finish, count) -> None:
     for k in range(1, min(max_iters, j1 - j0) + 1):
         new = update(j0, j1)
         count["passes"] += 1
-        if not torch.isfinite(new).all():  # a diverging iterate: keep only what causality says is exact
+        change = (new - u[:, j0:j1]).abs().max().item()
+        if not math.isfinite(change):  # a diverging iterate: keep only what causality says is exact
             u[:, j0 : j0 + k] = new[:, :k]
             return finish(j0, j0 + k, j1, f"stopped being finite after {k} passes")
-        change = (new - u[:, j0:j1]).abs().max().item()
         u[:, j0:j1] = new
         if change < tol or k == j1 - j0:
             return
@@ -199,9 +207,9 @@ def _sliding(T, window, max_iters, tol, u, update, cut, finish, count) -> None:
         e = min(f + window, T)
         new = update(f, e)
         count["passes"] += 1
-        if not torch.isfinite(new).all():
-            return finish(f, f, T, "stopped being finite")
         moved = (new - u[:, f:e]).abs().amax(dim=(0, 2))
+        if not torch.isfinite(moved).all():
+            return finish(f, f, T, "stopped being finite")
         u[:, f:e] = new
         age[f:e] += 1
         done = (moved < tol) & (age[f:e] >= 2)
