@@ -5,6 +5,8 @@ Chunk c is drawn with its own generator, derive_seed("chunk", seed, c), and save
 the chunks already on disk, so a killed run loses at most one chunk and never duplicates or drops an image. The
 chunk directory records a key (checkpoint hash + sampling settings); chunks made under another key are discarded.
 Under torchrun, rank r makes chunks r, r + world, ... on its own GPU; rank 0 assembles them once all are done.
+A sample that comes out NaN/inf is redrawn from the chunk's own generator (`max_redraws`); each chunk file keeps its
+redraw count, so the total over a resumed or sharded run is exact.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .progress import progress as tqdm
 
 from .data.images import nchw_to_nhwc, to_uint8
 from .io import FlowBackFileError, load_npz, save_npz, write_bytes
-from .models import Guidance, TARFlow, sample
+from .models import Guidance, NonFiniteSampleError, SampleStats, Solver, TARFlow, sample
 from .seeding import generator
 
 
@@ -42,12 +44,20 @@ def generate(
     decode=None,
     key: str = "",
     micro_batch: int | None = None,
+    *,
+    solver: Solver | None = None,
+    max_redraws: int = 0,
+    denoise_scale: float = 1.0,
+    stats: SampleStats | None = None,
 ) -> tuple[np.ndarray, float]:
     """Generate images for `labels` (uint8 NHWC) through chunk files; returns (images, seconds spent generating).
 
     In a torch.distributed run every rank makes its share of the chunks; rank 0 returns all images, the others an
     empty array. `micro_batch` images go through the reverse pass and the denoising gradient at a time (the memory
-    plan's choice); the chunk's noise is drawn whole first, so the images do not depend on it."""
+    plan's choice); the chunk's noise is drawn whole first, so the images do not depend on it (only the noise of a
+    NaN redraw, drawn after it, does). `stats` (rank 0) gets the solver's counts of the chunks made here and the
+    redraws of all chunks. A chunk whose samples stay non-finite after max_redraws redraws is a NonFiniteSampleError
+    naming it."""
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -79,20 +89,31 @@ def generate(
         cfg = model.cfg
         z = torch.randn(len(y), cfg.num_tokens, cfg.token_dim, generator=g, device=device)
         m = micro_batch or len(y)
-        parts = []
+        chunk_stats, parts = SampleStats(), []
         for i in range(0, len(y), m):
-            x = sample(model, y[i : i + m], guidance=guidance, denoise_sigma=denoise_sigma, use_cache=use_cache,
-                       dtype=dtype, z=z[i : i + m])
+            try:
+                x = sample(model, y[i : i + m], g, guidance, denoise_sigma, use_cache, dtype, z=z[i : i + m],
+                           solver=solver, stats=chunk_stats, denoise_scale=denoise_scale, max_redraws=max_redraws)
+            except NonFiniteSampleError as e:
+                raise NonFiniteSampleError(f"{path}: chunk {c} (seed {seed}): {e}") from e
             if decode is not None:
                 x = decode(x)
             parts.append(nchw_to_nhwc(to_uint8(x)).cpu().numpy())
-        save_npz(path, arr_0=np.concatenate(parts), arr_1=want)
+        if stats is not None:
+            for name in ("passes", "fallbacks", "sequential_steps"):
+                for block, n in getattr(chunk_stats, name).items():
+                    getattr(stats, name)[block] += n
+        extra = {"redraws": np.array(chunk_stats.redraws)} if max_redraws > 0 else {}
+        save_npz(path, arr_0=np.concatenate(parts), arr_1=want, **extra)
         seconds += time.perf_counter() - t0
     if world > 1:
         dist.barrier()
         if rank != 0:
             return np.zeros((0,), np.uint8), seconds
-    images = np.concatenate([load_npz(chunk_dir / f"{c:06d}.npz")["arr_0"] for c in range(n_chunks)])
+    chunks = [load_npz(chunk_dir / f"{c:06d}.npz") for c in range(n_chunks)]
+    if stats is not None:
+        stats.redraws += sum(int(ch["redraws"]) for ch in chunks if "redraws" in ch)
+    images = np.concatenate([ch["arr_0"] for ch in chunks])
     return images, seconds
 
 

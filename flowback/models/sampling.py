@@ -1,19 +1,49 @@
-"""Generation: the flow's inverse, token by token, with a KV cache; guidance; score-based denoising.
+"""Generation: the flow's inverse, token by token with a KV cache or by (GS-)Jacobi iteration; guidance; denoising.
 
-Each block is inverted autoregressively (u_{i+1} = v_{i+1} * exp(a) + b with (a, b) from u_0..u_i). With a KV cache
-a step feeds only the newest token through the block's layers; without one (`use_cache=False`, kept as the
-reference the cache is tested against) each step recomputes the whole prefix. Guided steps run the conditional and
-unconditional passes as one batch of 2B.
+Each block is inverted autoregressively (u_{i+1} = v_{i+1} * sigma + mu with (log sigma, mu) from u_0..u_i). With a
+KV cache a step feeds only the newest token through the block's layers; without one (`use_cache=False`, kept as
+the reference the cache is tested against) each step recomputes the whole prefix. `Solver` picks the sequential
+solver or the parallel ones of `jacobi`. Guided steps run the conditional and unconditional passes as one batch
+of 2B. `sample` can redraw samples that come out non-finite (fresh noise from the same generator, so a run stays
+deterministic) and scale the denoising step.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import FlowBackError
 from .guidance import Guidance
+from .jacobi import Solver, jacobi_block
 from .tarflow import FlowBlock, TARFlow, log_prob_from
+
+
+class NonFiniteSampleError(FlowBackError):
+    """Samples still NaN/inf after the allowed number of redraws."""
+
+
+@dataclass
+class SampleStats:
+    """What a sampling call did, summed over calls: parallel passes, sequential fallbacks and fallback steps per
+    block (forward numbering; Jacobi solvers only) and the number of samples redrawn for being non-finite."""
+
+    passes: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    fallbacks: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    sequential_steps: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    redraws: int = 0
+
+    def record_block(self, block: int, passes: int, fallbacks: int, sequential_steps: int) -> None:
+        self.passes[block] += passes
+        self.fallbacks[block] += fallbacks
+        self.sequential_steps[block] += sequential_steps
+
+    def to_dict(self) -> dict:
+        return {"passes": dict(sorted(self.passes.items())), "fallbacks": dict(sorted(self.fallbacks.items())),
+                "sequential_steps": dict(sorted(self.sequential_steps.items())), "redraws": self.redraws}
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -31,24 +61,29 @@ def reverse_block(
     guidance: Guidance | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
-    """Invert one block: v (B, T, D) in spatial order -> u in spatial order. `uncond` only with guidance."""
+    """Invert one block token by token: v (B, T, D) in spatial order -> u in spatial order. `uncond` only with
+    guidance."""
     guided = guidance is not None and uncond is not None and cond is not None
     v = blk.permute(v).float()
     B, T, _ = v.shape
-    u = v.clone()  # token 0 has a = b = 0: it passes unchanged
+    u = v.clone()  # without a start token, token 0 has (log sigma, mu) = (0, 0): it passes unchanged
     c = torch.cat([cond, uncond]) if guided else cond
+    temp = guidance.uncond_temperature(B, v.device) if guided else None
     caches = blk.new_caches(T) if use_cache else None
-    for i in range(T - 1):
-        if use_cache:
+    first = 0 if blk.sos is None else -1  # with a start token, token 0 is transformed too
+    for i in range(first, T - 1):
+        if i < 0:
+            a, b = blk.first(torch.cat([u, u]) if guided else u, c, caches, temp)
+        elif use_cache:
             tok = u[:, i : i + 1]
-            a, b = blk.step(torch.cat([tok, tok]) if guided else tok, i, c, caches)
+            a, b = blk.step(torch.cat([tok, tok]) if guided else tok, i, c, caches, temp)
         else:
             prefix = u[:, : i + 1]
-            a, b = blk.step_uncached(torch.cat([prefix, prefix]) if guided else prefix, c)
+            a, b = blk.step_uncached(torch.cat([prefix, prefix]) if guided else prefix, c, temp)
         if guided:
             (a_c, a_u), (b_c, b_u) = a.chunk(2), b.chunk(2)
             a, b = guidance.combine(a_c, b_c, a_u, b_u, guidance.weight_at(i, T))
-        u[:, i + 1 : i + 2] = v[:, i + 1 : i + 2] * torch.exp(a.float()) + b.float()
+        u[:, i + 1 : i + 2] = blk.affine_inverse(v[:, i + 1 : i + 2], a, b)
     return blk.permute(u)
 
 
@@ -60,6 +95,8 @@ def reverse(
     guidance: Guidance | None = None,
     use_cache: bool = True,
     dtype: torch.dtype | None = None,
+    solver: Solver | None = None,
+    stats: SampleStats | None = None,
 ) -> torch.Tensor:
     """z tokens (B, T, D) -> images (B, C, H, W) through blocks N..1."""
     guidance = guidance if guidance is not None and guidance.active else None
@@ -71,19 +108,24 @@ def reverse(
     with _autocast(z.device, dtype):
         for t in range(n, 0, -1):
             g = guidance if guidance is not None and guidance.applies_to(t, n) else None
-            h = reverse_block(model.blocks[t - 1], h, conds[t - 1], unconds[t - 1] if g else None, g, use_cache)
+            blk, cond, uncond = model.blocks[t - 1], conds[t - 1], unconds[t - 1] if g else None
+            if solver is None or solver.method == "sequential":
+                h = reverse_block(blk, h, cond, uncond, g, use_cache)
+            else:
+                h = jacobi_block(blk, h, cond, uncond, g, **solver.block(t, n), stats=stats, block=t)
     return model.unpatchify(h)
 
 
-def denoise(model: TARFlow, x: torch.Tensor, y: torch.Tensor | None, sigma: float) -> torch.Tensor:
-    """One Tweedie step x + sigma^2 * grad_x log p(x | y): removes the training noise from samples."""
+def denoise(model: TARFlow, x: torch.Tensor, y: torch.Tensor | None, sigma: float, scale: float = 1.0) -> torch.Tensor:
+    """One Tweedie step x + scale * sigma^2 * grad_x log p(x | y): removes the training noise from samples
+    (scale 1 is Tweedie's formula; ml-tarflow's FID runs tune it)."""
     if sigma <= 0:
         return x
     with torch.enable_grad():
         x = x.detach().float().requires_grad_(True)
         logp = log_prob_from(model(x, y)).sum()
         (grad,) = torch.autograd.grad(logp, x)
-    return (x + sigma**2 * grad).detach()
+    return (x + (scale * sigma**2) * grad).detach()
 
 
 def sample(
@@ -95,13 +137,41 @@ def sample(
     use_cache: bool = True,
     dtype: torch.dtype | None = None,
     z: torch.Tensor | None = None,
+    *,
+    solver: Solver | None = None,
+    stats: SampleStats | None = None,
+    denoise_scale: float = 1.0,
+    max_redraws: int = 0,
 ) -> torch.Tensor:
-    """Class-conditional samples in model space (pixels in [-1, 1] or latents), shape (B, C, H, W)."""
+    """Class-conditional samples in model space (pixels in [-1, 1] or latents), shape (B, C, H, W).
+
+    max_redraws > 0: a sample with a NaN/inf value is drawn again from fresh noise of `generator` (only the bad
+    rows, in order, so the result is deterministic), up to max_redraws rounds; then NonFiniteSampleError."""
     cfg = model.cfg
     device = next(model.parameters()).device
-    if z is None:
-        z = torch.randn(len(y), cfg.num_tokens, cfg.token_dim, generator=generator, device=device)
-    x = reverse(model, z, y, guidance, use_cache, dtype)
-    if denoise_sigma > 0:
-        x = denoise(model, x, y, denoise_sigma)
+
+    def noise(n: int) -> torch.Tensor:
+        return torch.randn(n, cfg.num_tokens, cfg.token_dim, generator=generator, device=device)
+
+    def draw(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = reverse(model, z, y, guidance, use_cache, dtype, solver, stats)
+        if denoise_sigma > 0:
+            x = denoise(model, x, y, denoise_sigma, denoise_scale)
+        return x
+
+    x = draw(noise(len(y)) if z is None else z, y)
+    if max_redraws <= 0:
+        return x
+    bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+    for _ in range(max_redraws):
+        if not bad.any():
+            break
+        idx = bad.nonzero().squeeze(1)
+        x[idx] = draw(noise(len(idx)), y[idx])
+        bad[idx] = ~torch.isfinite(x[idx]).flatten(1).all(dim=1)
+        if stats is not None:
+            stats.redraws += len(idx)
+    if bad.any():
+        raise NonFiniteSampleError(f"{int(bad.sum())} of {len(y)} samples are still NaN/inf after {max_redraws} "
+                                   f"redraws (sample.max_redraws)")
     return x

@@ -4,6 +4,11 @@ The cache has two modes. Inference (no autograd) writes into preallocated buffer
 O(T) memory traffic per layer instead of the O(T^2) that re-concatenating would cost. With autograd on (the naive
 reverse used as a reference for the pseudo-reverse) in-place writes would invalidate saved tensors, so it keeps a
 list and concatenates.
+
+A cache also takes a chunk of several tokens after a prefix (causal within the chunk, full attention to the prefix)
+and can be cut back (`truncate`): the Jacobi solvers re-run one segment of tokens against a fixed prefix until it
+converges. Two optional inputs leave the default path untouched when absent: 2-D rotary position tables (STARFlow's
+RoPE) and a per-row attention temperature (TARFlow's `attn_temp`, used on the unconditional half of a guided batch).
 """
 
 from __future__ import annotations
@@ -44,6 +49,35 @@ class KVCache:
         self.length += n
         return self._k[:, :, : self.length], self._v[:, :, : self.length]
 
+    def truncate(self, length: int) -> None:
+        """Forget every token after the first `length` (a Jacobi segment is re-run against the same prefix)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of {self.length} tokens to {length}")
+        if self.differentiable and self._k is not None and length < self.length:
+            self._k = [torch.cat(self._k, dim=2)[:, :, :length]]
+            self._v = [torch.cat(self._v, dim=2)[:, :, :length]]
+        self.length = length
+
+
+def rope_2d(grid: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D rotary tables (cos, sin), each (grid*grid, head_dim/2), tokens row-major. Dimension pair (j, j + d/2)
+    turns by angle theta_j: the first d/4 pairs by the token's row times a frequency, the last d/4 by its column."""
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    freq = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    theta = torch.cat([ys.reshape(-1, 1) * freq, xs.reshape(-1, 1) * freq], dim=1)
+    return theta.cos().float(), theta.sin().float()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate (B, H, n, d) queries or keys by the (n, d/2) tables of their positions."""
+    cos, sin = (t.to(x.dtype) for t in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
 
 class Attention(nn.Module):
     def __init__(self, width: int, head_dim: int):
@@ -55,18 +89,26 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                temp: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C). rope: (cos, sin) tables of these T positions; temp (B,): logits of row b divided by temp[b]."""
         B, T, C = x.shape
         h = self.norm(x.float()).to(x.dtype)  # LayerNorm in fp32, as TARFlow does under bf16 autocast
         q, k, v = self.qkv(h).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if temp is not None:
+            q = q / temp.to(q.dtype).view(B, 1, 1, 1)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            if T != 1 and cache.length != 0:
-                raise ValueError("a cached step takes one token at a time")
-            causal = T > 1  # a first multi-token call is an ordinary causal pass that fills the cache
+            prefix = cache.length
             k, v = cache.append(k, v)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            if T == 1 or prefix == 0:  # one new token sees everything; a first chunk is an ordinary causal pass
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            else:  # a chunk after a prefix: token i sees the prefix and chunk tokens 0..i
+                mask = torch.ones(T, prefix + T, dtype=torch.bool, device=x.device).tril(diagonal=prefix)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, T, C))
 
 
@@ -89,6 +131,6 @@ class Layer(nn.Module):
         self.attn = Attention(width, head_dim)
         self.mlp = MLP(width, mlp_ratio)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(x, cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rope=None, temp=None) -> torch.Tensor:
+        x = x + self.attn(x, cache, rope, temp)
         return x + self.mlp(x)
