@@ -26,7 +26,6 @@ import copy
 import functools
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,20 +46,12 @@ from .models import TARFlow, bits_per_dim
 from .models.transformer import Layer
 from .params import Experiment
 from .progress import progress as tqdm
+from .schedule import learning_rate
 from .seeding import derive_seed, generator
 
 
 class TrainingError(FlowBackError):
     """Training cannot go on (non-finite loss, mismatched resume state); the message says what to do."""
-
-
-# ------------------------------------------------------------------------------------------------------ schedule
-def learning_rate(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to min_lr."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 # ------------------------------------------------------------------------------------------------------ objective

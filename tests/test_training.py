@@ -12,7 +12,8 @@ from flowback.data.batches import MemoryBatches, batch_indices
 from flowback.io import FlowBackFileError
 from flowback.params import validate
 from flowback.training import (AlignTargets, Objective, StepPlan, TrainingError, TrainState, accumulate_gradients,
-                               checkpoint_layers, learning_rate, step_inputs, train)
+                               checkpoint_layers, step_inputs, train)
+from flowback.schedule import learning_rate
 
 CPU = torch.device("cpu")
 

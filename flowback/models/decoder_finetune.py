@@ -33,7 +33,8 @@ from torch import nn
 
 from ..errors import FlowBackError
 from ..io import FlowBackFileError, sha256_file
-from ..training import learning_rate, step_generator
+from ..schedule import learning_rate
+from ..seeding import generator
 
 TRAINED_PARTS = ("post_quant_conv.", "decoder.")  # what STARFlow's fine-tuning updates; the encoder side stays
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -274,7 +275,7 @@ class DecoderFinetuner:
         for opt in filter(None, (self.opt, self.disc_opt)):
             for group in opt.param_groups:
                 group["lr"] = lr
-        noise = torch.randn(latents.shape, generator=step_generator(cfg.seed, s))
+        noise = torch.randn(latents.shape, generator=generator("decoder-noise", cfg.seed, s))
         z = (latents.float().cpu() + cfg.noise_std * noise).to(self.device)
         real = images.to(self.device, torch.float32)
         self.vae.train()
