@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .alignment import AlignSpec, EncoderConfig
-from .models import FlowConfig, Guidance
-from .params import EncoderParams, Experiment, GuidanceParams, Params
+from .models import FlowConfig, Guidance, Solver
+from .params import EncoderParams, Experiment, GuidanceParams, Params, SampleParams
 
 VAE_DOWNSAMPLE = 8  # stable-diffusion VAEs: 256 px -> 32 x 32 x 4 latents
 VAE_CHANNELS = 4
@@ -26,6 +26,11 @@ def flow_config(params: Params) -> FlowConfig:
         num_classes=d.num_classes,
         pos_embed=m.pos_embed,
         cond_blocks=m.cond_blocks,
+        start_token=m.start_token,
+        final_norm=m.final_norm,
+        scale=m.scale,
+        soft_clip=m.soft_clip,
+        cond_token=m.cond_token,
     )
 
 
@@ -36,7 +41,14 @@ def align_spec(exp: Experiment) -> AlignSpec | None:
 
 
 def guidance(g: GuidanceParams) -> Guidance:
-    return Guidance(g.method, g.weight, g.anneal)
+    return Guidance(g.method, g.weight, g.anneal, g.guide_what, g.attn_temp, g.blocks)
+
+
+def solver(s: SampleParams) -> Solver:
+    j = s.jacobi
+    tup = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+    return Solver(s.solver, j.tol, tup(j.max_iters), tup(j.segments) if s.solver == "gs_jacobi" else 1,
+                  tup(j.init), tup(j.window) if s.solver == "gs_jacobi" else 0)
 
 
 def encoder_config(e: EncoderParams) -> EncoderConfig:

@@ -25,7 +25,8 @@ def load_flow(path: str | Path, expected: FlowConfig | None = None, device: str 
     except (TypeError, ValueError) as e:
         raise FlowBackFileError(f"{path}: invalid model config in checkpoint ({e})") from e
     if expected is not None and cfg != expected:
-        diff = {k: (v, getattr(expected, k)) for k, v in cfg.to_dict().items() if expected.to_dict()[k] != v}
+        diff = {k: (getattr(cfg, k), getattr(expected, k)) for k in sorted(set(cfg.to_dict()) | set(expected.to_dict()))
+                if getattr(cfg, k) != getattr(expected, k)}
         raise FlowBackFileError(f"{path}: checkpoint is from another model configuration; "
                                 + ", ".join(f"{k}: checkpoint {a!r} vs params {b!r}" for k, (a, b) in diff.items()))
     model = TARFlow(cfg)

@@ -180,8 +180,18 @@ class ModelParams(Strict):
     layers: int | list[int] = Field(6, description="layers per block: one int, or one per block in forward order")
     head_dim: int = Field(16, ge=4)
     mlp_ratio: int = Field(4, ge=1)
-    pos_embed: Literal["learned", "sincos"] = "learned"
+    pos_embed: Literal["learned", "sincos", "rope"] = Field(
+        "learned", description="learned or sincos embeddings added to the tokens, or rope: STARFlow's 2-D rotary "
+                               "positions in attention")
     cond_blocks: Literal["all", "deep"] = Field("all", description="deep: only block N (nearest z) is conditioned")
+    # STARFlow's architecture options (apple/ml-starflow); all off = TARFlow, bit-compatible with ml-tarflow
+    start_token: bool = Field(False, description="a learned start token, so token 0 is transformed too")
+    final_norm: bool = Field(False, description="RMSNorm before each block's output projection")
+    scale: Literal["exp", "softplus"] = Field("exp", description="exp: x' = (x - b) exp(-a) (TARFlow); softplus: "
+                                                                  "sigma = softplus(a + log(e - 1)) (STARFlow)")
+    soft_clip: float = Field(0.0, ge=0.0, description="raw outputs become c * tanh(o / c) (STARFlow: 4); 0 = off")
+    cond_token: bool = Field(False, description="condition by one prepended class token instead of adding the "
+                                                "class embedding to every token")
     noise_std: float = Field(0.05, ge=0.0)
     label_drop: float = Field(0.1, ge=0.0, le=1.0)
     latent: LatentParams | None = None
@@ -241,6 +251,8 @@ class TrainParams(Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="0 disables EMA")
+    latent_norm_weight: float = Field(0.0, ge=0.0, description="STARFlow's latent-norm regulariser on the "
+                                                               "intermediate block outputs (1e-4 there); 0 = off")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     seed: Seed = 0
@@ -267,12 +279,31 @@ class GuidanceParams(Strict):
     method: Literal["none", "tarflow", "starflow"] = "none"
     weight: float = Field(0.0, ge=0.0)
     anneal: bool = Field(False, description="TARFlow's linear ramp of the weight over tokens")
+    guide_what: Literal["a", "b", "ab"] = Field("ab", description="which affine parameters guidance extrapolates "
+                                                                  "(ml-tarflow's guide_what)")
+    attn_temp: float = Field(1.0, gt=0.0, description="attention temperature of the unconditional pass")
+    blocks: Literal["auto", "all", "deep"] = Field(
+        "auto", description="which conditioned blocks are guided: auto = every one for tarflow, the deep block for "
+                            "starflow; all = every conditioned block (ml-starflow)")
 
     @model_validator(mode="after")
     def _weight_needs_method(self) -> "GuidanceParams":
         if self.method == "none" and self.weight != 0:
             raise ValueError("weight > 0 needs method tarflow or starflow")
         return self
+
+
+class JacobiParams(Strict):
+    """Parallel (Jacobi / GS-Jacobi) inversion of each block; a block that does not converge within max_iters passes
+    finishes token by token (and is counted in sample.json)."""
+
+    tol: float = Field(1e-4, gt=0.0, description="a segment has converged when no token moves more than this")
+    max_iters: int | list[int] = Field(64, description="passes per segment (one value, or one per block in forward "
+                                                       "order) before the sequential fallback")
+    segments: int | list[int] = Field(1, description="gs_jacobi: Gauss-Seidel segments per block")
+    window: int | list[int] = Field(0, description="gs_jacobi: > 0 = a sliding window of this many tokens")
+    init: Literal["noise", "zeros"] | list[Literal["noise", "zeros"]] = Field(
+        "noise", description="first iterate: noise (u = v) or zeros")
 
 
 class SampleParams(Strict):
@@ -283,8 +314,15 @@ class SampleParams(Strict):
                           "auto = the largest the memory plan fits")
     guidance: GuidanceParams = GuidanceParams()
     denoise: bool = True
+    denoise_scale: float = Field(1.0, gt=0.0, description="x + m * sigma^2 * score: m (ml-tarflow's multiplier)")
     seed: Seed = 1
     kv_cache: bool = True
+    solver: Literal["sequential", "jacobi", "gs_jacobi"] = Field(
+        "sequential", description="sequential: token by token (KV-cached); jacobi / gs_jacobi: parallel fixed-point "
+                                  "iterations (sample.jacobi)")
+    jacobi: JacobiParams = JacobiParams()
+    max_redraws: int = Field(0, ge=0, description="redraw a sample that comes out NaN/inf up to this many times, then "
+                                                  "stop with an error naming the chunk; 0 = never redraw")
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 

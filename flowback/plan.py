@@ -176,7 +176,7 @@ def train_step(exp: Experiment, micro: int, checkpointing: bool) -> Measure:
         state = TrainState(exp, enc_dim, torch.device("cpu"))
         if checkpointing:
             checkpoint_layers(state.model)
-        obj = Objective(state.model, state.projectors, spec, p.align.weight if spec else 0.0)
+        obj = Objective(state.model, state.projectors, spec, p.align.weight if spec else 0.0, p.train.latent_norm_weight)
         cfg = state.model.cfg
         x = torch.randn(micro, cfg.channels, cfg.image_size, cfg.image_size)
         y = torch.randint(0, cfg.num_classes, (micro,))

@@ -42,7 +42,7 @@ from .data.images import to_model
 from .distributed import barrier, broadcast_int
 from .errors import FlowBackError
 from .io import FlowBackFileError, load_torch, save_torch
-from .models import TARFlow, bits_per_dim
+from .models import TARFlow, bits_per_dim, latent_norm_penalty
 from .models.transformer import Layer
 from .params import Experiment
 from .progress import progress as tqdm
@@ -62,27 +62,32 @@ def make_projectors(spec: AlignSpec | None, width: int, hidden: int, enc_dim: in
 
 
 def objective(model: TARFlow, projectors: nn.ModuleDict, spec: AlignSpec | None, x: torch.Tensor, y: torch.Tensor,
-              targets: torch.Tensor | None, weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's loss = NLL (nats/dim) + weight * mean alignment loss over positions; returns (loss, nll, align)."""
+              targets: torch.Tensor | None, weight: float,
+              latent_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's loss = NLL (nats/dim) + weight * mean alignment loss over positions (+ latent_weight * STARFlow's
+    latent-norm term); returns (loss, nll, align)."""
     out = model(x, y, keep=spec.forward_keep if spec else None, keep_inputs=bool(spec and spec.needs_block_inputs))
     nll = model.nll_per_dim(out)
+    base = nll + latent_weight * latent_norm_penalty(out) if latent_weight else nll
     if spec is None:
-        return nll, nll, torch.zeros((), device=x.device)
+        return base, nll, torch.zeros((), device=x.device)
     feats = alignment_features(model, out, model.conditions(y, None, len(x)), spec)
     align = torch.stack([alignment_loss(projectors[AlignSpec.key(k)](h), targets) for k, h in feats.items()]).mean()
-    return nll + weight * align, nll, align
+    return base + weight * align, nll, align
 
 
 class Objective(nn.Module):
     """The whole training loss as one module, so DDP sees every parameter used inside one forward call (the
     alignment strategies call into the flow's blocks again after its forward pass)."""
 
-    def __init__(self, model: TARFlow, projectors: nn.ModuleDict, spec: AlignSpec | None, weight: float):
+    def __init__(self, model: TARFlow, projectors: nn.ModuleDict, spec: AlignSpec | None, weight: float,
+                 latent_weight: float = 0.0):
         super().__init__()
         self.model, self.projectors, self.spec, self.weight = model, projectors, spec, weight
+        self.latent_weight = latent_weight
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None):
-        return objective(self.model, self.projectors, self.spec, x, y, targets, self.weight)
+        return objective(self.model, self.projectors, self.spec, x, y, targets, self.weight, self.latent_weight)
 
 
 # ----------------------------------------------------------------------------------------------------------- plan
@@ -333,7 +338,8 @@ def train(
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tp.dtype == "bfloat16")
     targets = AlignTargets(encoder, state.model.cfg.grid, device, autocast, fixed_images) if spec else None
 
-    objective_fn: nn.Module = Objective(state.model, state.projectors, spec, p.align.weight if spec else 0.0)
+    objective_fn: nn.Module = Objective(state.model, state.projectors, spec, p.align.weight if spec else 0.0,
+                                        tp.latent_norm_weight)
     ddp = None
     if world > 1:
         ddp = objective_fn = nn.parallel.DistributedDataParallel(

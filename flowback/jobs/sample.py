@@ -41,7 +41,7 @@ def run(e: Experiment, progress: bool = True) -> str:
     import numpy as np
     import torch
 
-    from ..builders import flow_config, guidance
+    from ..builders import flow_config, guidance, solver
     from ..checkpoints import load_flow
     from ..distributed import setup
     from ..io import save_json, sha256_file
@@ -62,18 +62,23 @@ def run(e: Experiment, progress: bool = True) -> str:
         decode, vae_key = _latent_decoder(p, dev)
         key = f"{key}:{vae_key}"
     micro = resolve_sample_micro_batch(e, dev)
+    from ..models import SampleStats
+
+    stats, how = SampleStats(), solver(sp)
     images, seconds = generate(model, labels, run_dir / "chunks", sp.batch_size, sp.seed, guidance(sp.guidance),
                                p.model.noise_std if sp.denoise else 0.0, sp.kv_cache, dtype,
-                               show_progress=progress, decode=decode, key=key, micro_batch=micro)
+                               show_progress=progress, decode=decode, key=key, micro_batch=micro, solver=how,
+                               max_redraws=sp.max_redraws, denoise_scale=sp.denoise_scale, stats=stats)
     if rank != 0:
         return ""
     from ..io import save_npz
 
     save_npz(run_dir / "samples.npz", arr_0=images, arr_1=labels)
     save_png(run_dir / "samples.png", image_grid(images, labels, p.data.num_classes))
+    counts = stats.to_dict()
     save_json(run_dir / "sample.json", {"count": int(len(images)), "guidance": sp.guidance.model_dump(),
-                                        "denoise": sp.denoise})
-    save_json(run_dir / "sample_timing.json", {"seconds": seconds, "micro_batch": micro,
+                                        "denoise": sp.denoise, "solver": how.to_dict(), "redraws": counts["redraws"]})
+    save_json(run_dir / "sample_timing.json", {"seconds": seconds, "micro_batch": micro, "solver_counts": counts,
                                                "images_per_second": len(images) / seconds if seconds > 0 else None})
     shutil.rmtree(run_dir / "chunks", ignore_errors=True)
     return f"{e.run}: {len(images)} samples ({np.bincount(labels).min()} per class) in {seconds:.0f} s"
