@@ -53,16 +53,17 @@ def pipeline(path: str, check_only: bool) -> int:
 def plan(args: argparse.Namespace) -> int:
     from .plan import print_plan
 
-    return print_plan(args.params, args.gpu_mem, args.world, args.mfu, args.peak_tflops)
+    gpu_mem = None if args.gpu_mem is None else _gib(args.gpu_mem)
+    return print_plan(args.params, gpu_mem, args.world, args.mfu, args.peak_tflops)
 
 
 def _gib(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--gpu-mem {text!r}: expected a number of GiB, e.g. 80") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"--gpu-mem {text!r}: must be a positive number of GiB")
+        raise FlowBackError(f"--gpu-mem {text!r}: expected the GPU's memory in GiB, e.g. --gpu-mem 80") from None
+    if not value > 0 or value == float("inf"):
+        raise FlowBackError(f"--gpu-mem {text!r}: must be a positive number of GiB, e.g. --gpu-mem 80")
     return value
 
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("--params", default="params.yaml")
     p_plan = sub.add_parser("plan", help="per-GPU memory, FLOPs and GPU-hours of every stage, measured on the code")
     p_plan.add_argument("--params", default="params.yaml")
-    p_plan.add_argument("--gpu-mem", type=_gib, default=None, metavar="GiB",
+    p_plan.add_argument("--gpu-mem", default=None, metavar="GiB",
                         help="memory per GPU to plan for (default: runtime.gpu_memory_gib)")
     p_plan.add_argument("--world", type=int, default=None, help="GPUs per run (default: from runtime.launcher)")
     p_plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for GPU-hours (default 0.4)")

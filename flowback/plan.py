@@ -5,7 +5,7 @@ backward, clipping, AdamW), the real denoising and classifier passes - on fake t
 and dtypes, no data, no GPU needed) while counting the bytes of every live tensor storage (`LiveBytes`). That makes
 the plan exact for what PyTorch allocates; the caching allocator's fragmentation and the CUDA context are covered by
 keeping the peak under `HEADROOM` of the budget (`runtime.gpu_memory_gib`). FLOPs are counted on the same pass
-(torch's FlopCounterMode: matmuls and attention).
+(with the formulas of torch's flop counter: matmuls, convolutions and attention).
 
 The plan chooses, per run:
 - train: the largest micro-batch (a divisor of the per-rank batch; the rest is gradient accumulation, so the global
@@ -43,11 +43,14 @@ class PlanError(FlowBackError):
 
 # ---------------------------------------------------------------------------------------------------- measuring
 class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of tensor storages created while active and alive; `peak` is the maximum (plus `base`)."""
+    """Counts the bytes of tensor storages created while active and alive; `peak` is the maximum (plus `base`).
+    Also sums the FLOPs of every op torch's flop counter has a formula for (matmuls, convolutions, attention),
+    without FlopCounterMode's module hooks, which do not support autograd.grad (denoising, the classifier)."""
 
     def __init__(self, base: int = 0):
         super().__init__()
         self.live = self.peak = base
+        self.flops = 0
         self._sizes: dict[int, int] = {}
 
     def _track(self, t: torch.Tensor) -> None:
@@ -65,7 +68,13 @@ class LiveBytes(TorchDispatchMode):
         self.live -= self._sizes.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t)
@@ -110,13 +119,11 @@ class Measure:
 
 def measure(fn: Callable[[], None], *resident) -> Measure:
     """Peak live bytes (the `resident` objects' tensors included) and FLOPs of `fn()`, run under fake tensors."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     _register_cpu_attention_flops()
     live = LiveBytes(storage_bytes(*resident))
-    with FlopCounterMode(display=False) as flops, live:
+    with live:
         fn()
-    return Measure(live.peak, flops.get_total_flops())
+    return Measure(live.peak, live.flops)
 
 
 def _register_cpu_attention_flops() -> None:
@@ -139,11 +146,11 @@ def _fake():
 
 def _encoder_dim(exp: Experiment) -> int:
     """The alignment encoder's feature size, from its config (no weights needed)."""
-    from .alignment.encoder import create_timm
-    from .builders import encoder_config
+    import timm
 
-    with torch.device("meta"):
-        net = create_timm(encoder_config(exp.params.encoder), None)
+    e = exp.params.encoder
+    with torch.device("meta"):  # the architecture only: never a weights download
+        net = timm.create_model(e.arch, pretrained=False, **e.kwargs)
     return int(net.num_features)
 
 
@@ -486,7 +493,7 @@ def print_plan(path: str, gpu_mem: float | None = None, world: int | None = None
         else:
             what, per_step = f"batch {c.value}", c.measure.flops / 1e12
         note = " (a lower bound: KV-cached decoding runs far below training MFU)" if c.stage == "sample" else ""
-        out(f"| {c.run} | {c.stage} | {c.measure.peak / GIB:.1f} | {per_step:.1f} | {what} | {hours:,.0f}{note} |")
+        out(f"| {c.run} | {c.stage} | {c.measure.peak / GIB:.1f} | {per_step:.1f} | {what} | {hours:,.1f}{note} |")
     out("")
     out(f"grid total: {total:,.0f} GPU-hours at MFU {mfu:.0%}")
     peak = max(c.measure.peak for c, _ in rows) / GIB

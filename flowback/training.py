@@ -147,6 +147,13 @@ def fingerprint(exp: Experiment) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _on(module: nn.Module, device: torch.device) -> nn.Module:
+    """Move to `device` unless already there (the memory plan builds states under fake tensors, which must not be
+    copied)."""
+    first = next(iter(module.parameters()), None)
+    return module if first is None or first.device == device else module.to(device)
+
+
 class TrainState:
     """Everything a run needs to continue: model, projectors, optimizer, EMA, step and log."""
 
@@ -154,9 +161,9 @@ class TrainState:
         p, tp = exp.params, exp.params.train
         torch.manual_seed(derive_seed("init", tp.seed))
         self.exp, self.spec = exp, align_spec(exp)
-        self.model = TARFlow(flow_config(p)).to(device)
+        self.model = _on(TARFlow(flow_config(p)), device)
         hidden = p.align.projector_dim if self.spec else 0
-        self.projectors = make_projectors(self.spec, p.model.width, hidden, encoder_dim).to(device)
+        self.projectors = _on(make_projectors(self.spec, p.model.width, hidden, encoder_dim), device)
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=tp.lr, betas=tuple(tp.betas),
                                            weight_decay=tp.weight_decay)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if tp.ema_decay > 0 else None
