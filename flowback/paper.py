@@ -50,7 +50,9 @@ TABLES: dict[str, dict] = {
         },
     },
     # STARFlow's Table 1 (class-conditional ImageNet 256x256, FID-50K): its 1.4B model, d(N) = 18(6), width 2048,
-    # with its guidance. The table gives FID only, and no unguided FID for STARFlow.
+    # with its guidance. The table gives FID only, and no unguided FID for STARFlow. The table is an image in the
+    # copies we could read; 2.40 is as the first author's slides (jiataogu.me, "STARFlow (1.4B) 2.40") and a
+    # third-party copy of Table 1 (SRC-Flow's comparison: gFID with CFG 2.40, without CFG "-") both quote it.
     "starflow": {
         "title": "STARFlow (arXiv 2506.06276), class-conditional ImageNet 256x256, FID-50K (with guidance)",
         "rows": {
