@@ -1,4 +1,5 @@
-"""The numbers the R-REPA paper reports (arXiv 2511.22345), as data: what FlowBack's tables are compared against.
+"""The numbers the papers report, as data: what FlowBack's tables are compared against. The R-REPA paper (arXiv
+2511.22345) gives the ablation, efficiency and main-results tables; STARFlow (arXiv 2506.06276) the `starflow` table.
 
 An experiment names the row it reproduces with `paper: <table>/<row>` in params.yaml; the `table` stage then puts
 the paper's value beside ours and the difference. Values are transcribed from the paper's tables (see
@@ -46,6 +47,16 @@ TABLES: dict[str, dict] = {
         "rows": {
             "latent_tarflow": {"label": "Latent-TARFlow", "fid": 5.15, "sfid": 6.78, "is": 243.49},
             "rrepa_patch1": {"label": "+R-REPA + Patch1", "fid": 4.18, "sfid": 4.96, "is": 240.8},
+        },
+    },
+    # STARFlow's Table 1 (class-conditional ImageNet 256x256, FID-50K): its 1.4B model, d(N) = 18(6), width 2048,
+    # with its guidance. The table gives FID only, and no unguided FID for STARFlow. The table is an image in the
+    # copies we could read; 2.40 is as the first author's slides (jiataogu.me, "STARFlow (1.4B) 2.40") and a
+    # third-party copy of Table 1 (SRC-Flow's comparison: gFID with CFG 2.40, without CFG "-") both quote it.
+    "starflow": {
+        "title": "STARFlow (arXiv 2506.06276), class-conditional ImageNet 256x256, FID-50K (with guidance)",
+        "rows": {
+            "starflow_guided": {"label": "STARFlow 1.4B, deep-shallow 18(6), guided", "fid": 2.40},
         },
     },
 }

@@ -15,7 +15,11 @@ PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 @pytest.fixture(scope="module")
 def profiles():
-    return {p.stem: load_params(p) for p in sorted(PROFILES.glob("imagenet*.yaml"))}
+    return {p.stem: load_params(p) for p in sorted(PROFILES.glob("*.yaml"))}  # every paper profile: imagenet*, starflow*
+
+
+def test_the_paper_profiles_are_all_loaded(profiles):
+    assert {"imagenet64", "imagenet64_1m", "imagenet256", "starflow256"} <= set(profiles)
 
 
 def test_every_paper_row_is_reproduced_by_some_profile(profiles):
@@ -46,6 +50,36 @@ def test_imagenet256_trains_on_vae_latents(profiles):
     assert p.model.noise_std == 0.2 and p.data.format == "latent" and p.data.resize == "adm"
     assert flow_config(p.run("rrepa_patch1-s0").params).num_tokens == 1024  # "Patch1"
     assert p.run("rrepa_patch1-s0").params.sample.guidance.method == "tarflow"
+
+
+def test_starflow256_is_the_papers_class_conditional_layout(profiles):
+    """STARFlow's class-conditional ImageNet-256 model: d(N) = 18(6), width 2048, patch 1 on SD-VAE latents, 1.4B
+    parameters; ml-starflow's architecture switches; its guidance on the deep block; mapped to the paper's Table 1."""
+    from flowback.builders import guidance
+    from flowback.models import TARFlow
+
+    p = profiles["starflow256"]
+    cfg = flow_config(p)
+    assert (cfg.channels, cfg.image_size, cfg.patch_size, cfg.num_tokens, cfg.width) == (4, 32, 1, 1024, 2048)
+    assert cfg.layers == (2, 2, 2, 2, 2, 18)  # forward order: the deep block is block N, next to the prior
+    assert cfg.cond_blocks == "deep" and cfg.cond_token and cfg.start_token and cfg.final_norm
+    assert (cfg.pos_embed, cfg.scale, cfg.soft_clip) == ("rope", "softplus", 4.0)
+    assert (p.model.noise_std, p.model.label_drop, p.train.latent_norm_weight) == (0.3, 0.1, 1e-4)
+    assert p.data.format == "latent" and p.model.latent.hub == "stabilityai/sd-vae-ft-ema"
+    with torch.device("meta"):
+        model = TARFlow(cfg)
+        millions = sum(x.numel() for x in model.parameters()) / 1e6
+        deep = sum(x.numel() for x in model.blocks[-1].parameters()) / 1e6
+    assert 1400 * 0.97 < millions < 1400 * 1.03  # the paper's "1.4B"
+    assert deep > 0.6 * millions  # the deep block holds most of the capacity
+    g = guidance(p.sample.guidance)
+    assert g.method == "starflow" and g.active and not g.anneal
+    assert [g.applies_to(b, 6) for b in range(1, 7)] == [False] * 5 + [True]  # the deep block only
+    assert (p.train.batch_size, p.sample.per_class * p.data.num_classes) == (512, 50_000)
+    base = p.run("starflow-s0")
+    assert base.strategy == "none" and base.paper == "starflow/starflow_guided"
+    aligned = p.run("starflow_rrepa-s0")  # our extension: no paper row
+    assert aligned.positions == [(6, 6)] and aligned.paper is None
 
 
 def test_profiles_name_the_pretrained_networks_to_fetch(profiles):
