@@ -50,28 +50,40 @@ rule prepare:
     input: needs("prepare")
     output: f"{STAMPS}/prepare.{{key}}.key"
     threads: THREADS
-    shell: P.cmd(P.instance("prepare"))
+    params: cmd=lambda w: P.cmd(P.instance("prepare"))
+    shell: "{params.cmd}"
 
 
 rule encoder:
     input: needs("encoder")
     output: f"{STAMPS}/encoder.{{key}}.key"
     threads: THREADS
-    shell: P.cmd(P.instance("encoder"))
+    params: cmd=lambda w: P.cmd(P.instance("encoder"))
+    shell: "{params.cmd}"
 
 
 rule metricnet:
     input: needs("metricnet")
     output: f"{STAMPS}/metricnet.{{key}}.key"
     threads: THREADS
-    shell: P.cmd(P.instance("metricnet"))
+    params: cmd=lambda w: P.cmd(P.instance("metricnet"))
+    shell: "{params.cmd}"
 
 
 rule reference:
     input: needs("reference")
     output: f"{STAMPS}/reference.{{key}}.key"
     threads: THREADS
-    shell: P.cmd(P.instance("reference"))
+    params: cmd=lambda w: P.cmd(P.instance("reference"))
+    shell: "{params.cmd}"
+
+
+rule decoder:
+    input: needs("decoder")
+    output: f"{STAMPS}/decoder.{{key}}.key"
+    threads: THREADS
+    params: cmd=lambda w: P.cmd(P.instance("decoder"))
+    shell: "{params.cmd}"
 
 
 rule train:
@@ -102,4 +114,5 @@ rule table:
     input: needs("table")
     output: f"{STAMPS}/table.{{key}}.key"
     threads: 1
-    shell: P.cmd(P.instance("table"))
+    params: cmd=lambda w: P.cmd(P.instance("table"))
+    shell: "{params.cmd}"

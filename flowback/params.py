@@ -326,6 +326,34 @@ class SampleParams(Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
+# -------------------------------------------------------------------------------------------------------- decoder
+class DecoderParams(Strict):
+    """STARFlow's alternative to score denoising (latent profiles): fine-tune the VAE decoder to decode noisy latents
+    (flowback/models/decoder_finetune.py, values and sources in docs/decoder-finetune.md). When enabled, the `decoder`
+    stage runs after prepare, and sampling decodes with the fine-tuned VAE instead of taking the denoising step."""
+
+    enabled: bool = False
+    dir: str = Field("results/decoder", description="where the fine-tuned VAE is saved (diffusers format)")
+    steps: int = Field(10_000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_steps: int = Field(1000, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    noise_std: float | None = Field(None, ge=0, description="null = model.noise_std (the flow's training noise)")
+    mse_weight: float = Field(1.0, ge=0)
+    lpips_weight: float = Field(1.0, ge=0)
+    convnext_weight: float = Field(0.1, ge=0)
+    gan_weight: float = Field(0.1, ge=0, description="0 = no discriminator")
+    lecam_weight: float = Field(0.001, ge=0)
+    disc_width: int = Field(128, ge=8)
+    checkpoint_every: int = Field(500, ge=1)
+    seed: Seed = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    weights_dir: str | None = Field(None, description="VGG16 / ConvNeXt-S ImageNet weights for the perceptual loss; "
+                                                      "null = torch.hub's checkpoint folder")
+
+
 # ---------------------------------------------------------------------------------------------------- experiments
 STRATEGIES = ("none", "forward", "detach", "reverse")
 _POSITION = re.compile(r"^\s*(?P<blocks>all|\d+(?:\s*&\s*\d+)*)\s*(?:layer\s*(?P<layer>\d+))?\s*$", re.IGNORECASE)
@@ -404,6 +432,7 @@ class Params(Strict):
     train: TrainParams = TrainParams()
     align: AlignParams = AlignParams()
     sample: SampleParams = SampleParams()
+    decoder: DecoderParams = DecoderParams()
     runtime: RuntimeParams = RuntimeParams()
     results: str = "results"
     experiments: dict[str, ExperimentParams] = Field(default_factory=lambda: {"baseline": ExperimentParams()})
@@ -422,6 +451,9 @@ class Params(Strict):
     def _image_fits_patches(self) -> "Params":
         if self.data.format == "latent" and self.model.latent is None:
             raise ValueError("data.format 'latent' needs model.latent (the VAE that encodes the images)")
+        if self.decoder.enabled and (self.data.format != "latent" or not self.data.keep_pixels):
+            raise ValueError("decoder.enabled fine-tunes a VAE decoder on latent shards with their pixels: it needs "
+                             "data.format latent and data.keep_pixels true")
         size = self.data.image_size
         if self.model.latent is None and size % self.model.patch_size:
             raise ValueError(f"data.image_size {size} is not a multiple of model.patch_size {self.model.patch_size}")

@@ -127,6 +127,8 @@ class Pipeline:
         self.instances: list[Instance] = []
         for stage in NAMES:
             mod = job(stage)
+            if not getattr(mod, "enabled", lambda _: True)(params):
+                continue
             for run in params.runs() if mod.PER_RUN else [None]:
                 cfg = params.run(run) if run else params
                 self.instances.append(Instance(stage, run, cfg, tuple(mod.reads(cfg)), tuple(mod.inputs(cfg)),

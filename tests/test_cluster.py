@@ -12,7 +12,7 @@ PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
 
 # Rules that run on GPUs, and those the Snakefile starts with the params' `launcher` (torchrun: one process per GPU,
 # several GPUs on one node).
-GPU_RULES = {"encoder", "metricnet", "train", "sample", "evaluate", "reference"}
+GPU_RULES = {"encoder", "metricnet", "decoder", "train", "sample", "evaluate", "reference"}
 LAUNCHED_RULES = {"train", "sample"}
 CPU_RULES = {"prepare", "table", "ablation_table"}
 # GPU-related resource names the SLURM executor plugin reads (its README, "GPU Jobs"): anything else with "gpu" in

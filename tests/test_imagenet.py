@@ -443,3 +443,41 @@ def test_data_verify_command(prepared, tmp_path, capsys):
     assert main(["data", "verify", "--params", str(other)]) == 2
     err = capsys.readouterr().err
     assert "prepared with other settings" in err and "resize: 'tarflow' != params 'adm'" in err
+
+
+def test_decoder_stage_fine_tunes_the_vae_that_sampling_then_decodes_with(source, vae_dir, tmp_path, one_thread):
+    """decoder.enabled (STARFlow): the stage trains only the decoder side on noisy latents, saves a VAE that sample
+    loads instead of model.latent.vae_dir, and sampling then skips the denoising step."""
+    import json
+
+    import yaml
+
+    from flowback.builders import flow_config
+    from flowback.checkpoints import save_flow
+    from flowback.models import FlowConfig, TARFlow
+    from flowback.models.vae import load_vae
+
+    path, params = _latent_params(tmp_path, source, vae_dir)
+    raw = yaml.safe_load(path.read_text())
+    raw["decoder"] = {"enabled": True, "dir": str(tmp_path / "decoder"), "steps": 3, "batch_size": 4,
+                      "warmup_steps": 1, "lpips_weight": 0.0, "convnext_weight": 0.0, "gan_weight": 0.0,
+                      "checkpoint_every": 2}
+    raw["sample"] = {"per_class": 1, "batch_size": 4}
+    raw["experiments"] = {"flow": {"strategy": "none"}}
+    path.write_text(yaml.safe_dump(raw))
+    stage("prepare", path)
+    stage("decoder", path)
+    tuned, original = load_vae(tmp_path / "decoder"), load_vae(vae_dir)
+    changed = {n for n, p in tuned.named_parameters() if not torch.equal(p, dict(original.named_parameters())[n])}
+    assert changed and all(n.startswith(("decoder.", "post_quant_conv.")) for n in changed)
+    report = json.loads((tmp_path / "decoder" / "metrics.json").read_text())
+    assert report["steps"] == 3 and report["before"]["mse"] > 0 and not (tmp_path / "decoder" / ".resume" / "state.pt").exists()
+
+    from flowback.params import load_params
+
+    p = load_params(path)
+    torch.manual_seed(0)
+    save_flow(p.run_dir("flow-s0") / "model.pt", TARFlow(FlowConfig(**flow_config(p.run("flow-s0").params).to_dict())))
+    stage("sample", path, "flow-s0")
+    sample = json.loads((p.run_dir("flow-s0") / "sample.json").read_text())
+    assert sample["decoder"] is True and sample["denoise"] is False

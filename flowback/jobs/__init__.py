@@ -3,6 +3,7 @@
 A stage module has
 - `PER_RUN`: one instance per run of the grid (`<experiment>-s<seed>`), or one for the whole params;
 - `LAUNCHED`: started with `runtime.launcher` (torchrun for DDP) instead of plain `python`;
+- `enabled(params)` (optional): whether the stage is part of this profile's pipeline at all;
 - `reads(cfg)`: the params keys it reads (dotted; a key covers everything below it). The stage receives a config in
   which every other value raises when used (flowback.params.restrict), so the list is exact by construction, and
   dvc.yaml / the Snakefile declare exactly these keys;
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 # pipeline order: a stage only needs outputs of stages before it
-NAMES = ("prepare", "encoder", "metricnet", "reference", "train", "sample", "evaluate", "table")
+NAMES = ("prepare", "encoder", "metricnet", "reference", "decoder", "train", "sample", "evaluate", "table")
 RUNTIME = ["runtime.device", "runtime.threads", "runtime.tf32"]  # what flowback.runtime.configure reads
 
 

@@ -18,13 +18,18 @@ FLOW_KEYS = ["model", "data.dataset", "data.image_size", "data.classes"]  # what
 
 
 def reads(e: Experiment) -> list[str]:
-    keys = [f"experiments.{e.name}", "results", "sample", *FLOW_KEYS, *RUNTIME, "runtime.gpu_memory_gib"]
+    keys = [f"experiments.{e.name}", "results", "sample", *FLOW_KEYS, *RUNTIME, "runtime.gpu_memory_gib",
+            "decoder.enabled"]
+    if e.params.decoder.enabled:
+        keys += ["decoder.dir"]
     return keys
 
 
 def inputs(e: Experiment) -> list[str]:
     deps = [f"{e.run_dir}/model.pt"]
-    if e.params.model.latent is not None:
+    if e.params.decoder.enabled:  # the fine-tuned decoder (the decoder stage's output)
+        deps.append(f"{e.params.decoder.dir}/diffusion_pytorch_model.safetensors")
+    elif e.params.model.latent is not None:
         deps.append(e.params.model.latent.vae_dir)
     return deps
 
@@ -61,12 +66,14 @@ def run(e: Experiment, progress: bool = True) -> str:
     if p.model.latent is not None:  # denoising (below) runs on latents; decoding follows it
         decode, vae_key = _latent_decoder(p, dev)
         key = f"{key}:{vae_key}"
+    # a decoder fine-tuned on noisy latents replaces the denoising step (STARFlow)
+    denoise_sigma = p.model.noise_std if sp.denoise and not p.decoder.enabled else 0.0
     micro = resolve_sample_micro_batch(e, dev)
     from ..models import SampleStats
 
     stats, how = SampleStats(), solver(sp)
     images, seconds = generate(model, labels, run_dir / "chunks", sp.batch_size, sp.seed, guidance(sp.guidance),
-                               p.model.noise_std if sp.denoise else 0.0, sp.kv_cache, dtype,
+                               denoise_sigma, sp.kv_cache, dtype,
                                show_progress=progress, decode=decode, key=key, micro_batch=micro, solver=how,
                                max_redraws=sp.max_redraws, denoise_scale=sp.denoise_scale, stats=stats)
     if rank != 0:
@@ -77,7 +84,8 @@ def run(e: Experiment, progress: bool = True) -> str:
     save_png(run_dir / "samples.png", image_grid(images, labels, p.data.num_classes))
     counts = stats.to_dict()
     save_json(run_dir / "sample.json", {"count": int(len(images)), "guidance": sp.guidance.model_dump(),
-                                        "denoise": sp.denoise, "solver": how.to_dict(), "redraws": counts["redraws"]})
+                                        "denoise": denoise_sigma > 0, "decoder": p.decoder.enabled,
+                                        "solver": how.to_dict(), "redraws": counts["redraws"]})
     save_json(run_dir / "sample_timing.json", {"seconds": seconds, "micro_batch": micro, "solver_counts": counts,
                                                "images_per_second": len(images) / seconds if seconds > 0 else None})
     shutil.rmtree(run_dir / "chunks", ignore_errors=True)
@@ -91,12 +99,13 @@ def _latent_decoder(p, dev):
     from ..models.vae import LatentCodec, load_vae, vae_fingerprint  # diffusers only for latent mode
 
     lp = p.model.latent
-    codec = LatentCodec(load_vae(lp.vae_dir, dev), lp.scale)
+    vae_dir = p.decoder.dir if p.decoder.enabled else lp.vae_dir
+    codec = LatentCodec(load_vae(vae_dir, dev), lp.scale)
     cfg = flow_config(p)
     if codec.latent_channels != cfg.channels or cfg.image_size * codec.factor != p.data.image_size:
         raise FlowBackFileError(
-            f"{lp.vae_dir}: this VAE decodes {codec.latent_channels}-channel latents, upsampling by "
+            f"{vae_dir}: this VAE decodes {codec.latent_channels}-channel latents, upsampling by "
             f"{codec.factor}, but params give flow latents {cfg.channels} x {cfg.image_size} x {cfg.image_size} "
             f"for data.image_size {p.data.image_size} (latent mode assumes a Stable-Diffusion VAE: "
             f"{VAE_CHANNELS} channels, factor {VAE_DOWNSAMPLE}, data.image_size a multiple of {VAE_DOWNSAMPLE})")
-    return codec.decode, f"vae={vae_fingerprint(lp.vae_dir)}:scale={lp.scale}"
+    return codec.decode, f"vae={vae_fingerprint(vae_dir)}:scale={lp.scale}"
