@@ -455,8 +455,9 @@ def test_decoder_stage_fine_tunes_the_vae_that_sampling_then_decodes_with(source
     from flowback.builders import flow_config
     from flowback.checkpoints import save_flow
     from flowback.models import FlowConfig, TARFlow
-    from flowback.models.vae import load_vae
+    from flowback.models.vae import load_vae, save_random_vae
 
+    vae_dir = save_random_vae(tmp_path / "sd_like", block_out_channels=(8, 8, 8, 8))  # factor 8, as SD's VAE
     path, params = _latent_params(tmp_path, source, vae_dir)
     raw = yaml.safe_load(path.read_text())
     raw["decoder"] = {"enabled": True, "dir": str(tmp_path / "decoder"), "steps": 3, "batch_size": 4,
