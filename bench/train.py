@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count
-from torch.utils.flop_counter import sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,6 +41,7 @@ from measure import bench_parser, measure, mib  # noqa: E402
 from flowback.alignment import AlignSpec  # noqa: E402
 from flowback.models import FlowConfig, Guidance, TARFlow, sample  # noqa: E402
 from flowback.params import parse_position  # noqa: E402
+from flowback.plan import register_cpu_attention_flops  # noqa: E402
 from flowback.training import make_projectors, objective  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -61,17 +61,6 @@ CONFIGS = {
 }
 
 CASES = [("TARFlow baseline", "none", None), ("R-REPA", "reverse", "7&8")]
-
-
-def _register_cpu_attention_flops() -> None:
-    """FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that SDPA uses on a CPU."""
-    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    if fwd not in flop_registry:
-        register_flop_formula(fwd)(lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v))
-    if bwd not in flop_registry:
-        register_flop_formula(bwd)(
-            lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v))
 
 
 def _autocast(device: str, dtype: str):
@@ -129,7 +118,7 @@ def setup_matmul(device: str, dtype: str, n: int):
 
 def count_flops(setup) -> int:
     """FLOPs of one call of setup()'s callable (forward and backward), counted by FlopCounterMode."""
-    _register_cpu_attention_flops()
+    register_cpu_attention_flops()
     fn = setup()
     with FlopCounterMode(display=False) as counter:
         fn()

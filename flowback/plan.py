@@ -119,14 +119,14 @@ class Measure:
 
 def measure(fn: Callable[[], None], *resident) -> Measure:
     """Peak live bytes (the `resident` objects' tensors included) and FLOPs of `fn()`, run under fake tensors."""
-    _register_cpu_attention_flops()
+    register_cpu_attention_flops()
     live = LiveBytes(storage_bytes(*resident))
     with live:
         fn()
     return Measure(live.peak, live.flops)
 
 
-def _register_cpu_attention_flops() -> None:
+def register_cpu_attention_flops() -> None:
     """FlopCounterMode knows the CUDA attention kernels, not the CPU flash kernel SDPA takes on fake CPU tensors."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 

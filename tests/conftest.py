@@ -75,3 +75,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def random_flow(seed: int = 0, std: float = 0.05, bias: bool = True, class_std: float | None = None, **cfg):
+    """A small TARFlow (FlowConfig keywords override the defaults) in eval mode whose output projections are random:
+    zero-initialised ones make every block the identity, and a property tested on the identity tests nothing.
+    `class_std` spreads the class embeddings, so guidance has something to extrapolate."""
+    from flowback.models import FlowConfig, TARFlow
+
+    torch.manual_seed(seed)
+    config = dict(channels=2, image_size=8, patch_size=2, width=32, layers=(2, 2, 2), head_dim=8, mlp_ratio=2,
+                  num_classes=5)
+    config.update(cfg)
+    model = TARFlow(FlowConfig(**config))
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.proj_out.weight.normal_(0, std)
+            if bias:
+                blk.proj_out.bias.normal_(0, std)
+            if class_std is not None and blk.class_embed is not None:
+                blk.class_embed.normal_(0, class_std)
+    return model.eval()
+
+
+def flow_images(model, n: int = 4, seed: int = 1) -> torch.Tensor:
+    """n random model-space images (in [-1, 1]) of `model`'s shape."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.cfg
+    return torch.randn(n, c.channels, c.image_size, c.image_size, generator=g).clamp(-1, 1)

@@ -2,19 +2,14 @@
 
 import numpy as np
 import torch
+from conftest import random_flow
 
 from flowback.metrics.classifier import classifier_accuracy, classify
-from flowback.models import FlowConfig, TARFlow
 
 
 def small_flow():
-    torch.manual_seed(0)
-    model = TARFlow(FlowConfig(channels=1, image_size=4, patch_size=2, width=16, layers=(1, 1), head_dim=8,
-                               mlp_ratio=1, num_classes=3)).eval()
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.proj_out.weight.normal_(0, 0.1)
-    return model
+    return random_flow(0, 0.1, bias=False, channels=1, image_size=4, width=16, layers=(1, 1), mlp_ratio=1,
+                       num_classes=3)
 
 
 def test_classifier_picks_the_class_whose_embedding_raises_the_likelihood():

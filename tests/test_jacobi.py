@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import random_flow
 
 from flowback.models import (BlockMetrics, FlowConfig, Guidance, JacobiFallbackWarning, SampleStats, Solver, TARFlow,
                              block_metrics, gs_plan, sample)
@@ -22,16 +23,7 @@ GUIDANCE = [None, Guidance("tarflow", 1.5, anneal=True, attn_temp=0.6), Guidance
 
 
 def make_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(channels=2, image_size=8, patch_size=2, width=32, layers=(2, 1, 2), head_dim=8, mlp_ratio=2,
-               num_classes=5)
-    cfg.update(kw)
-    model = TARFlow(FlowConfig(**cfg))
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.proj_out.weight.normal_(0, 0.05)
-            blk.proj_out.bias.normal_(0, 0.05)
-    return model.eval()
+    return random_flow(seed, **{"layers": (2, 1, 2), **kw})
 
 
 def noise(model, n=3, seed=2):

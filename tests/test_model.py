@@ -2,29 +2,18 @@
 
 import pytest
 import torch
+from conftest import flow_images, random_flow
 
-from flowback.models import FlowConfig, Guidance, TARFlow, denoise, reverse, sample
+from flowback.models import Guidance, denoise, reverse, sample
 from flowback.models.tarflow import bits_per_dim
 
 
 def make_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(channels=2, image_size=8, patch_size=2, width=32, layers=(2, 2, 2), head_dim=8, mlp_ratio=2,
-               num_classes=5)
-    cfg.update(kw)
-    model = TARFlow(FlowConfig(**cfg))
-    # zero-initialised outputs make every block the identity: randomise them so the tests test something
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.proj_out.weight.normal_(0, 0.05)
-            blk.proj_out.bias.normal_(0, 0.05)
-    return model.eval()
+    return random_flow(seed, **kw)
 
 
 def images(model, n=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    c = model.cfg
-    return torch.randn(n, c.channels, c.image_size, c.image_size, generator=g).clamp(-1, 1)
+    return flow_images(model, n, seed)
 
 
 @pytest.mark.parametrize("kw", [{}, {"layers": (1, 1, 4), "cond_blocks": "deep"}, {"pos_embed": "sincos"},

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import stage
 import torch
+from conftest import random_flow
 import torch_fidelity
 
 from flowback.io import FlowBackFileError
@@ -253,15 +254,8 @@ def test_fid_and_is_agree_with_torch_fidelity_on_inception(tmp_path):
 
 # --------------------------------------------------------------------------------------- classifier in latent mode
 def latent_flow():
-    from flowback.models import FlowConfig, TARFlow
-
-    torch.manual_seed(0)
-    model = TARFlow(FlowConfig(channels=4, image_size=4, patch_size=2, width=16, layers=(1, 1), head_dim=8,
-                               mlp_ratio=1, num_classes=3)).eval()
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.proj_out.weight.normal_(0, 0.1)
-    return model
+    return random_flow(0, 0.1, bias=False, channels=4, image_size=4, width=16, layers=(1, 1), mlp_ratio=1,
+                       num_classes=3)
 
 
 def test_classifier_takes_float_latents_as_model_inputs():

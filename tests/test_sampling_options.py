@@ -6,26 +6,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import random_flow
 
 import flowback.models.sampling as sampling
-from flowback.models import FlowConfig, Guidance, NonFiniteSampleError, SampleStats, TARFlow, denoise, sample
+from flowback.models import Guidance, NonFiniteSampleError, SampleStats, denoise, sample
 from flowback.models.transformer import Attention
 from flowback.sampler import generate
 
 
 def make_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(channels=2, image_size=8, patch_size=2, width=32, layers=(2, 2, 2), head_dim=8, mlp_ratio=2,
-               num_classes=5)
-    cfg.update(kw)
-    model = TARFlow(FlowConfig(**cfg))
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.proj_out.weight.normal_(0, 0.05)
-            blk.proj_out.bias.normal_(0, 0.05)
-            if blk.class_embed is not None:
-                blk.class_embed.normal_(0, 0.5)  # distinct classes, so guidance has something to extrapolate
-    return model.eval()
+    return random_flow(seed, class_std=0.5, **kw)
 
 
 Y = torch.tensor([0, 3, 4])

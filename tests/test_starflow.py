@@ -3,6 +3,7 @@ the classifier's class mixing, alignment features in spatial order; and each opt
 
 import pytest
 import torch
+from conftest import flow_images, random_flow
 
 from flowback.alignment import AlignSpec, alignment_features, naive_reverse_features
 from flowback.alignment.strategies import detach_features
@@ -25,21 +26,11 @@ OPTIONS = {
 
 
 def make_model(seed=0, std=0.1, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(channels=2, image_size=8, patch_size=2, width=32, layers=(2, 2, 2), head_dim=8, mlp_ratio=2,
-               num_classes=5)
-    cfg.update(kw)
-    model = TARFlow(FlowConfig(**cfg))
-    with torch.no_grad():  # away from the identity initialisation, so the properties are tested on real maps
-        for blk in model.blocks:
-            blk.proj_out.weight.normal_(0, std)
-            blk.proj_out.bias.normal_(0, std)
-    return model.eval()
+    return random_flow(seed, std, **kw)
 
 
 def images(model, n=3, seed=1):
-    c = model.cfg
-    return torch.randn(n, c.channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
+    return flow_images(model, n, seed)
 
 
 Y = torch.tensor([0, 2, 4])
