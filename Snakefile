@@ -47,7 +47,7 @@ for _name in P.params.experiments:
 
 
 rule prepare:
-    input: needs("prepare")
+    input: lambda w: needs("prepare")
     output: f"{STAMPS}/prepare.{{key}}.key"
     threads: THREADS
     params: cmd=lambda w: P.cmd(P.instance("prepare"))
@@ -55,7 +55,7 @@ rule prepare:
 
 
 rule encoder:
-    input: needs("encoder")
+    input: lambda w: needs("encoder")
     output: f"{STAMPS}/encoder.{{key}}.key"
     threads: THREADS
     params: cmd=lambda w: P.cmd(P.instance("encoder"))
@@ -63,7 +63,7 @@ rule encoder:
 
 
 rule metricnet:
-    input: needs("metricnet")
+    input: lambda w: needs("metricnet")
     output: f"{STAMPS}/metricnet.{{key}}.key"
     threads: THREADS
     params: cmd=lambda w: P.cmd(P.instance("metricnet"))
@@ -71,7 +71,7 @@ rule metricnet:
 
 
 rule reference:
-    input: needs("reference")
+    input: lambda w: needs("reference")
     output: f"{STAMPS}/reference.{{key}}.key"
     threads: THREADS
     params: cmd=lambda w: P.cmd(P.instance("reference"))
@@ -79,7 +79,7 @@ rule reference:
 
 
 rule decoder:
-    input: needs("decoder")
+    input: lambda w: needs("decoder")
     output: f"{STAMPS}/decoder.{{key}}.key"
     threads: THREADS
     params: cmd=lambda w: P.cmd(P.instance("decoder"))
@@ -111,7 +111,7 @@ rule evaluate:
 
 
 rule table:
-    input: needs("table")
+    input: lambda w: needs("table")
     output: f"{STAMPS}/table.{{key}}.key"
     threads: 1
     params: cmd=lambda w: P.cmd(P.instance("table"))

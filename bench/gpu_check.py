@@ -102,7 +102,8 @@ def train_case(exp, device, compile_: bool, world: int):
 
 def sample_case(exp, device):
     from flowback.builders import guidance
-    from flowback.models import TARFlow, sample
+    from flowback.models.sampling import sample
+    from flowback.models.tarflow import TARFlow
 
     c = plan_sample(exp)
     model = TARFlow(flow_config(exp.params)).to(device).eval().requires_grad_(False)
@@ -119,7 +120,7 @@ def sample_case(exp, device):
 
 def classifier_case(exp, device):
     from flowback.metrics.classifier import classify
-    from flowback.models import TARFlow
+    from flowback.models.tarflow import TARFlow
 
     c = plan_classifier(exp, 0)
     model = TARFlow(flow_config(exp.params)).to(device).eval().requires_grad_(False)

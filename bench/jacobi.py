@@ -37,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from measure import bench_parser, measure, mib  # noqa: E402
 
-from flowback.models import FlowConfig, SampleStats, Solver, TARFlow, block_metrics, gs_plan, sample  # noqa: E402
+from flowback.models.jacobi import Solver, block_metrics, gs_plan# noqa: E402
+from flowback.models.sampling import SampleStats, sample# noqa: E402
+from flowback.models.tarflow import FlowConfig, TARFlow# noqa: E402
 
 OUT = ROOT / "bench" / "out"
 CONFIGS = {

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from measure import bench_parser, measure, mib  # noqa: E402
 
 from flowback.alignment import AlignSpec, EncoderConfig, FrozenEncoder, match_grid  # noqa: E402
-from flowback.models import FlowConfig, TARFlow  # noqa: E402
+from flowback.models.tarflow import FlowConfig, TARFlow# noqa: E402
 from flowback.params import parse_position  # noqa: E402
 from flowback.training import make_projectors, objective  # noqa: E402
 

@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from measure import bench_parser, measure, mib  # noqa: E402
 
-from flowback.models import FlowConfig, Guidance, TARFlow, sample  # noqa: E402
+from flowback.models.guidance import Guidance# noqa: E402
+from flowback.models.sampling import sample# noqa: E402
+from flowback.models.tarflow import FlowConfig, TARFlow# noqa: E402
 
 CONFIGS = {
     # 1024 tokens, the paper's 64x64 token count (64 / patch 2 = 32 x 32), in a model small enough for a CPU

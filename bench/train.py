@@ -39,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from measure import bench_parser, measure, mib  # noqa: E402
 
 from flowback.alignment import AlignSpec  # noqa: E402
-from flowback.models import FlowConfig, Guidance, TARFlow, sample  # noqa: E402
+from flowback.models.guidance import Guidance# noqa: E402
+from flowback.models.sampling import sample# noqa: E402
+from flowback.models.tarflow import FlowConfig, TARFlow# noqa: E402
 from flowback.params import parse_position  # noqa: E402
 from flowback.plan import register_cpu_attention_flops  # noqa: E402
 from flowback.training import make_projectors, objective  # noqa: E402

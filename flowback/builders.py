@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from .alignment import AlignSpec, EncoderConfig
-from .models import FlowConfig, Guidance, Solver
+from .models.guidance import Guidance
+from .models.jacobi import Solver
+from .models.tarflow import FlowConfig
 from .params import EncoderParams, Experiment, GuidanceParams, Params, SampleParams
 
 VAE_DOWNSAMPLE = 8  # stable-diffusion VAEs: 256 px -> 32 x 32 x 4 latents

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import FlowBackFileError, load_torch, save_torch
-from .models import FlowConfig, TARFlow
+from .models.tarflow import FlowConfig, TARFlow
 
 
 def save_flow(path: str | Path, model: TARFlow, **meta: Any) -> None:

@@ -399,7 +399,7 @@ class ExperimentParams(Strict):
     @classmethod
     def _known_row(cls, v: str | None) -> str | None:
         if v is not None:
-            from .paper import row
+            from .paper import row  # pipeline: validation only
 
             try:
                 row(v)

@@ -47,12 +47,22 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+VALIDATION_ONLY = "# pipeline: validation only"
+
+
 def _imports(path: Path, module: str) -> set[str]:
-    """Modules a file imports (anywhere in it, lazy imports included), resolved to absolute names."""
-    tree = ast.parse(path.read_text())
+    """Modules a file imports (anywhere in it, lazy imports included), resolved to absolute names. An import whose
+    line ends in `# pipeline: validation only` is left out: it can only reject params (params.py checks `paper:`
+    rows against flowback/paper.py), never change a stage's outputs, so editing the paper's numbers reruns only the
+    stage that prints them."""
+    text = path.read_text()
+    lines = text.splitlines()
+    tree = ast.parse(text)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = set()
     for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and lines[node.lineno - 1].rstrip().endswith(VALIDATION_ONLY):
+            continue
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -205,7 +205,7 @@ def train_step(exp: Experiment, micro: int, checkpointing: bool) -> Measure:
 
 def _inference_model(exp: Experiment):
     from .builders import flow_config
-    from .models import TARFlow
+    from .models.tarflow import TARFlow
 
     return TARFlow(flow_config(exp.params)).eval().requires_grad_(False)
 
@@ -215,7 +215,7 @@ def denoise_pass(exp: Experiment, micro: int) -> Measure:
     """The denoising gradient step (fp32, as sampling runs it) on `micro` images, plus one KV-cached decoding step of
     the largest block (its caches allocated for every token, doubled with guidance)."""
     from .builders import guidance
-    from .models import denoise
+    from .models.sampling import denoise
 
     sp = exp.params.sample
     with _fake():

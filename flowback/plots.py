@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -14,8 +13,7 @@ import pandas as pd  # noqa: E402
 
 from .io import write_bytes  # noqa: E402
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np  # noqa: E402
 
 
 def _colours(names: list[str]) -> dict[str, tuple]:
@@ -74,3 +72,13 @@ def save_png(path: str | Path, image_hwc: "np.ndarray") -> None:
     buf = io.BytesIO()
     Image.fromarray(image_hwc[..., 0] if image_hwc.shape[-1] == 1 else image_hwc).save(buf, format="PNG")
     write_bytes(path, buf.getvalue())
+
+
+def image_grid(images_nhwc: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 10) -> np.ndarray:
+    """One row per class (up to per_row samples each), uint8 HxWxC with a 1-pixel gap."""
+    n, h, w, ch = images_nhwc.shape
+    grid = np.full((num_classes * (h + 1) + 1, per_row * (w + 1) + 1, ch), 255, dtype=np.uint8)
+    for k in range(num_classes):
+        for j, i in enumerate(np.flatnonzero(labels == k)[:per_row]):
+            grid[1 + k * (h + 1) : 1 + k * (h + 1) + h, 1 + j * (w + 1) : 1 + j * (w + 1) + w] = images_nhwc[i]
+    return grid

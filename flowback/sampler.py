@@ -22,7 +22,10 @@ from .progress import progress as tqdm
 
 from .data.images import nchw_to_nhwc, to_uint8
 from .io import FlowBackFileError, load_npz, save_npz, write_bytes
-from .models import Guidance, NonFiniteSampleError, SampleStats, Solver, TARFlow, sample
+from .models.guidance import Guidance
+from .models.jacobi import Solver
+from .models.sampling import NonFiniteSampleError, SampleStats, sample
+from .models.tarflow import TARFlow
 from .seeding import generator
 
 
@@ -116,12 +119,3 @@ def generate(
     images = np.concatenate([ch["arr_0"] for ch in chunks])
     return images, seconds
 
-
-def image_grid(images_nhwc: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 10) -> np.ndarray:
-    """One row per class (up to per_row samples each), uint8 HxWxC with a 1-pixel gap."""
-    n, h, w, ch = images_nhwc.shape
-    grid = np.full((num_classes * (h + 1) + 1, per_row * (w + 1) + 1, ch), 255, dtype=np.uint8)
-    for k in range(num_classes):
-        for j, i in enumerate(np.flatnonzero(labels == k)[:per_row]):
-            grid[1 + k * (h + 1) : 1 + k * (h + 1) + h, 1 + j * (w + 1) : 1 + j * (w + 1) + w] = images_nhwc[i]
-    return grid

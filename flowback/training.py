@@ -42,7 +42,7 @@ from .data.images import to_model
 from .distributed import barrier, broadcast_int
 from .errors import FlowBackError
 from .io import FlowBackFileError, load_torch, save_torch
-from .models import TARFlow, bits_per_dim, latent_norm_penalty
+from .models.tarflow import TARFlow, bits_per_dim, latent_norm_penalty
 from .models.transformer import Layer
 from .params import Experiment
 from .progress import progress as tqdm

@@ -81,7 +81,7 @@ def random_flow(seed: int = 0, std: float = 0.05, bias: bool = True, class_std: 
     """A small TARFlow (FlowConfig keywords override the defaults) in eval mode whose output projections are random:
     zero-initialised ones make every block the identity, and a property tested on the identity tests nothing.
     `class_std` spreads the class embeddings, so guidance has something to extrapolate."""
-    from flowback.models import FlowConfig, TARFlow
+    from flowback.models.tarflow import FlowConfig, TARFlow
 
     torch.manual_seed(seed)
     config = dict(channels=2, image_size=8, patch_size=2, width=32, layers=(2, 2, 2), head_dim=8, mlp_ratio=2,

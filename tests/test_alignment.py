@@ -7,7 +7,7 @@ import torch
 from flowback.alignment import (AlignSpec, EncoderConfig, FrozenEncoder, Projector, alignment_features,
                                 alignment_loss, load_encoder, match_grid, naive_reverse_features,
                                 pseudo_reverse_features, save_encoder)
-from flowback.models import FlowConfig, TARFlow
+from flowback.models.tarflow import FlowConfig, TARFlow
 
 BLOCKS, LAYERS = 4, 3
 

@@ -454,7 +454,7 @@ def test_decoder_stage_fine_tunes_the_vae_that_sampling_then_decodes_with(source
 
     from flowback.builders import flow_config
     from flowback.checkpoints import save_flow
-    from flowback.models import FlowConfig, TARFlow
+    from flowback.models.tarflow import FlowConfig, TARFlow
     from flowback.models.vae import load_vae, save_random_vae
 
     vae_dir = save_random_vae(tmp_path / "sd_like", block_out_channels=(8, 8, 8, 8))  # factor 8, as SD's VAE

@@ -7,8 +7,10 @@ import pytest
 import torch
 from conftest import random_flow
 
-from flowback.models import (BlockMetrics, FlowConfig, Guidance, JacobiFallbackWarning, SampleStats, Solver, TARFlow,
-                             block_metrics, gs_plan, sample)
+from flowback.models.guidance import Guidance
+from flowback.models.jacobi import BlockMetrics, JacobiFallbackWarning, Solver, block_metrics, gs_plan
+from flowback.models.sampling import SampleStats, sample
+from flowback.models.tarflow import FlowConfig, TARFlow
 from flowback.models.jacobi import segment_bounds
 
 STAR = {"pos_embed": "rope", "start_token": True, "final_norm": True, "scale": "softplus", "soft_clip": 2.0,

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import flow_images, random_flow
 
-from flowback.models import Guidance, denoise, reverse, sample
+from flowback.models.guidance import Guidance
+from flowback.models.sampling import denoise, reverse, sample
 from flowback.models.tarflow import bits_per_dim
 
 

@@ -29,7 +29,7 @@ def test_every_paper_row_is_reproduced_by_some_profile(profiles):
 
 
 def test_imagenet64_is_tarflows_published_recipe(profiles):
-    from flowback.models import TARFlow
+    from flowback.models.tarflow import TARFlow
 
     p = profiles["imagenet64"]
     cfg = flow_config(p)
@@ -56,7 +56,7 @@ def test_starflow256_is_the_papers_class_conditional_layout(profiles):
     """STARFlow's class-conditional ImageNet-256 model: d(N) = 18(6), width 2048, patch 1 on SD-VAE latents, 1.4B
     parameters; ml-starflow's architecture switches; its guidance on the deep block; mapped to the paper's Table 1."""
     from flowback.builders import guidance
-    from flowback.models import TARFlow
+    from flowback.models.tarflow import TARFlow
 
     p = profiles["starflow256"]
     cfg = flow_config(p)

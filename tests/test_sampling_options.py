@@ -9,7 +9,8 @@ import torch
 from conftest import random_flow
 
 import flowback.models.sampling as sampling
-from flowback.models import Guidance, NonFiniteSampleError, SampleStats, denoise, sample
+from flowback.models.guidance import Guidance
+from flowback.models.sampling import NonFiniteSampleError, SampleStats, denoise, sample
 from flowback.models.transformer import Attention
 from flowback.sampler import generate
 

@@ -8,7 +8,9 @@ from conftest import flow_images, random_flow
 from flowback.alignment import AlignSpec, alignment_features, naive_reverse_features
 from flowback.alignment.strategies import detach_features
 from flowback.metrics.classifier import classify
-from flowback.models import FlowConfig, Guidance, TARFlow, latent_norm_penalty, reverse, sample
+from flowback.models.guidance import Guidance
+from flowback.models.sampling import reverse, sample
+from flowback.models.tarflow import FlowConfig, TARFlow, latent_norm_penalty
 from flowback.models.tarflow import INV_SOFTPLUS_1, STARFLOW_DEFAULTS
 
 OPTIONS = {

@@ -15,7 +15,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from flowback.io import FlowBackFileError
-from flowback.models import FlowConfig, TARFlow, sample
+from flowback.models.sampling import sample
+from flowback.models.tarflow import FlowConfig, TARFlow
 from flowback.models.vae import LatentCodec, load_vae, save_random_vae
 from flowback.sampler import generate
 

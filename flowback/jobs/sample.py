@@ -51,9 +51,9 @@ def run(e: Experiment, progress: bool = True) -> str:
     from ..distributed import setup
     from ..io import save_json, sha256_file
     from ..plan import resolve_sample_micro_batch
-    from ..plots import save_png
     from ..runtime import configure
-    from ..sampler import balanced_labels, generate, image_grid
+    from ..plots import image_grid, save_png
+    from ..sampler import balanced_labels, generate
 
     p, sp = e.params, e.params.sample
     dev, rank, _ = setup(configure(p.runtime))
@@ -69,7 +69,7 @@ def run(e: Experiment, progress: bool = True) -> str:
     # a decoder fine-tuned on noisy latents replaces the denoising step (STARFlow)
     denoise_sigma = p.model.noise_std if sp.denoise and not p.decoder.enabled else 0.0
     micro = resolve_sample_micro_batch(e, dev)
-    from ..models import SampleStats
+    from ..models.sampling import SampleStats
 
     stats, how = SampleStats(), solver(sp)
     images, seconds = generate(model, labels, run_dir / "chunks", sp.batch_size, sp.seed, guidance(sp.guidance),

@@ -50,8 +50,7 @@ def run(p: Params, progress: bool = True) -> str:
 
     from ..io import load_json, write_bytes
     from ..metrics.generative import load_samples
-    from ..plots import sample_panels, training_curves
-    from ..sampler import image_grid
+    from ..plots import image_grid, sample_panels, training_curves
     from ..tables import ablation_frame, paper_frame, paper_markdown, to_markdown
 
     out = p.results_dir / "tables"

@@ -19,7 +19,7 @@ from ..progress import progress as tqdm
 
 from ..data.images import to_model
 from ..io import FlowBackFileError
-from ..models import TARFlow, log_prob_from
+from ..models.tarflow import TARFlow, log_prob_from
 
 if TYPE_CHECKING:
     from ..params import Params

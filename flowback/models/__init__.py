@@ -1,10 +1,6 @@
-"""TARFlow / STARFlow normalizing flows: the model, its guidance rules and its samplers (sequential and Jacobi)."""
+"""TARFlow / STARFlow normalizing flows (tarflow.py), their guidance rules (guidance.py), samplers (sampling.py,
+jacobi.py), the VAE of latent mode (vae.py) and its decoder fine-tuning (decoder_finetune.py).
 
-from .guidance import Guidance
-from .jacobi import BlockMetrics, JacobiFallbackWarning, Solver, block_metrics, gs_plan, jacobi_block
-from .sampling import NonFiniteSampleError, SampleStats, denoise, reverse, sample
-from .tarflow import FlowBlock, FlowConfig, FlowOutput, TARFlow, bits_per_dim, latent_norm_penalty, log_prob_from
-
-__all__ = ["BlockMetrics", "FlowBlock", "FlowConfig", "FlowOutput", "Guidance", "JacobiFallbackWarning",
-           "NonFiniteSampleError", "SampleStats", "Solver", "TARFlow", "bits_per_dim", "block_metrics", "denoise",
-           "gs_plan", "jacobi_block", "latent_norm_penalty", "log_prob_from", "reverse", "sample"]
+Import from the submodules: this package imports nothing itself, so a stage that needs only the VAE does not depend
+on (and is not rerun for a change to) the flow's code.
+"""
