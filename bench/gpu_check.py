@@ -26,8 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 from flowback.builders import align_spec, flow_config  # noqa: E402
 from flowback.params import load_params  # noqa: E402
-from flowback.plan import (GIB, H100_BF16_TFLOPS, classifier_pass, denoise_pass, plan_classifier,  # noqa: E402
-                           plan_sample, plan_train, train_step, world_size)
+from flowback.plan.classifier import classifier_pass, plan_classifier  # noqa: E402
+from flowback.plan.measure import GIB, H100_BF16_TFLOPS  # noqa: E402
+from flowback.plan.sample import denoise_pass, plan_sample  # noqa: E402
+from flowback.plan.table import world_size  # noqa: E402
+from flowback.plan.train import plan_train, train_step  # noqa: E402
 
 RUNS = {"baseline": "baseline-s0", "R-REPA 7&8 L6": "reverse_78_l6-s0"}
 
@@ -101,7 +104,7 @@ def train_case(exp, device, compile_: bool, world: int):
 
 
 def sample_case(exp, device):
-    from flowback.builders import guidance
+    from flowback.sampler import guidance
     from flowback.models.sampling import sample
     from flowback.models.tarflow import TARFlow
 

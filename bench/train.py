@@ -43,7 +43,7 @@ from flowback.models.guidance import Guidance# noqa: E402
 from flowback.models.sampling import sample# noqa: E402
 from flowback.models.tarflow import FlowConfig, TARFlow# noqa: E402
 from flowback.params import parse_position  # noqa: E402
-from flowback.plan import register_cpu_attention_flops  # noqa: E402
+from flowback.plan.measure import register_cpu_attention_flops  # noqa: E402
 from flowback.training import make_projectors, objective  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0

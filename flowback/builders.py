@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from .alignment import AlignSpec, EncoderConfig
-from .models.guidance import Guidance
-from .models.jacobi import Solver
 from .models.tarflow import FlowConfig
-from .params import EncoderParams, Experiment, GuidanceParams, Params, SampleParams
+from .params import EncoderParams, Experiment, Params
 
 VAE_DOWNSAMPLE = 8  # stable-diffusion VAEs: 256 px -> 32 x 32 x 4 latents
 VAE_CHANNELS = 4
@@ -40,17 +38,6 @@ def align_spec(exp: Experiment) -> AlignSpec | None:
     if exp.strategy == "none":
         return None
     return AlignSpec(exp.strategy, tuple(exp.positions))
-
-
-def guidance(g: GuidanceParams) -> Guidance:
-    return Guidance(g.method, g.weight, g.anneal, g.guide_what, g.attn_temp, g.blocks)
-
-
-def solver(s: SampleParams) -> Solver:
-    j = s.jacobi
-    tup = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
-    return Solver(s.solver, j.tol, tup(j.max_iters), tup(j.segments) if s.solver == "gs_jacobi" else 1,
-                  tup(j.init), tup(j.window) if s.solver == "gs_jacobi" else 0)
 
 
 def encoder_config(e: EncoderParams) -> EncoderConfig:

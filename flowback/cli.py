@@ -51,7 +51,7 @@ def pipeline(path: str, check_only: bool) -> int:
 
 
 def plan(args: argparse.Namespace) -> int:
-    from .plan import print_plan
+    from .plan.table import print_plan
 
     gpu_mem = None if args.gpu_mem is None else _gib(args.gpu_mem)
     return print_plan(args.params, gpu_mem, args.world, args.mfu, args.peak_tflops)

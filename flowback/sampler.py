@@ -15,6 +15,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,22 @@ from .models.jacobi import Solver
 from .models.sampling import NonFiniteSampleError, SampleStats, sample
 from .models.tarflow import TARFlow
 from .seeding import generator
+
+if TYPE_CHECKING:
+    from .params import GuidanceParams, SampleParams
+
+
+def guidance(g: "GuidanceParams") -> Guidance:
+    """The guidance rule sample.guidance describes."""
+    return Guidance(g.method, g.weight, g.anneal, g.guide_what, g.attn_temp, g.blocks)
+
+
+def solver(s: "SampleParams") -> Solver:
+    """The block inversion sample.solver / sample.jacobi describe."""
+    j = s.jacobi
+    tup = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+    return Solver(s.solver, j.tol, tup(j.max_iters), tup(j.segments) if s.solver == "gs_jacobi" else 1,
+                  tup(j.init), tup(j.window) if s.solver == "gs_jacobi" else 0)
 
 
 def balanced_labels(num_classes: int, per_class: int) -> np.ndarray:

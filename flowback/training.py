@@ -106,12 +106,12 @@ class StepPlan:
 
 def fixed_plan(exp: Experiment, world: int) -> StepPlan:
     """The plan the params state outright (micro_batch an int or null, checkpointing none/layers); `auto` values
-    need flowback.plan.resolve_train_plan, which measures."""
+    need flowback.plan.train.resolve_train_plan, which measures."""
     tp = exp.params.train
     share = tp.batch_size // world
     micro = share if tp.micro_batch is None else tp.micro_batch
     if not isinstance(micro, int):
-        raise ValueError("micro_batch auto needs the memory plan (flowback.plan.resolve_train_plan)")
+        raise ValueError("micro_batch auto needs the memory plan (flowback.plan.train.resolve_train_plan)")
     if share % micro:
         raise TrainingError(f"experiment {exp.name!r}: train.micro_batch {micro} does not divide the per-rank batch "
                             f"{share} (train.batch_size {tp.batch_size} over {world} processes)")

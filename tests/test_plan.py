@@ -6,8 +6,11 @@ import torch
 from conftest import ROOT, command, default_raw, write_params
 
 from flowback.params import validate
-from flowback.plan import (GIB, PlanError, classifier_pass, denoise_pass, plan_train, storage_bytes, train_step,
-                           world_size)
+from flowback.plan.classifier import classifier_pass
+from flowback.plan.measure import GIB, PlanError, storage_bytes
+from flowback.plan.sample import denoise_pass
+from flowback.plan.table import world_size
+from flowback.plan.train import plan_train, train_step
 
 
 def experiment(strategy="none", position=None, budget=None, **train):

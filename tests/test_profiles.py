@@ -55,7 +55,7 @@ def test_imagenet256_trains_on_vae_latents(profiles):
 def test_starflow256_is_the_papers_class_conditional_layout(profiles):
     """STARFlow's class-conditional ImageNet-256 model: d(N) = 18(6), width 2048, patch 1 on SD-VAE latents, 1.4B
     parameters; ml-starflow's architecture switches; its guidance on the deep block; mapped to the paper's Table 1."""
-    from flowback.builders import guidance
+    from flowback.sampler import guidance
     from flowback.models.tarflow import TARFlow
 
     p = profiles["starflow256"]

@@ -23,6 +23,7 @@ from types import ModuleType
 # pipeline order: a stage only needs outputs of stages before it
 NAMES = ("prepare", "encoder", "metricnet", "reference", "decoder", "train", "sample", "evaluate", "table")
 RUNTIME = ["runtime.device", "runtime.threads", "runtime.tf32"]  # what flowback.runtime.configure reads
+FLOW_KEYS = ["model", "data.dataset", "data.image_size", "data.classes"]  # what builders.flow_config reads
 
 
 @dataclass

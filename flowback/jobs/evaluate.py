@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from ..data.manifest import data_reads
 from ..params import Experiment
-from . import RUNTIME, Outputs
-from .sample import FLOW_KEYS
+from . import FLOW_KEYS, RUNTIME, Outputs
 
 PER_RUN = True
 LAUNCHED = False
@@ -46,7 +45,7 @@ def run(e: Experiment, progress: bool = True) -> str:
     from ..metrics.classifier import classifier_accuracy, classifier_inputs
     from ..metrics.generative import conditional_accuracy, extract_features, load_feature_network, load_samples
     from ..metrics.reference import load_reference, reference_fingerprint, reference_path
-    from ..plan import resolve_classifier_batch
+    from ..plan.classifier import resolve_classifier_batch
     from ..runtime import configure
 
     p, mp = e.params, e.params.metrics

@@ -10,11 +10,10 @@ GPU (50K images in the paper profiles: sample.per_class 50 x 1000 classes); rank
 from __future__ import annotations
 
 from ..params import Experiment
-from . import RUNTIME, Outputs
+from . import FLOW_KEYS, RUNTIME, Outputs
 
 PER_RUN = True
 LAUNCHED = True
-FLOW_KEYS = ["model", "data.dataset", "data.image_size", "data.classes"]  # what flow_config reads
 
 
 def reads(e: Experiment) -> list[str]:
@@ -46,14 +45,14 @@ def run(e: Experiment, progress: bool = True) -> str:
     import numpy as np
     import torch
 
-    from ..builders import flow_config, guidance, solver
+    from ..builders import flow_config
     from ..checkpoints import load_flow
     from ..distributed import setup
     from ..io import save_json, sha256_file
-    from ..plan import resolve_sample_micro_batch
+    from ..plan.sample import resolve_sample_micro_batch
     from ..runtime import configure
     from ..plots import image_grid, save_png
-    from ..sampler import balanced_labels, generate
+    from ..sampler import balanced_labels, generate, guidance, solver
 
     p, sp = e.params, e.params.sample
     dev, rank, _ = setup(configure(p.runtime))

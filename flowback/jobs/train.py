@@ -48,7 +48,7 @@ def run(e: Experiment, progress: bool = True) -> str:
     from ..checkpoints import save_flow
     from ..distributed import setup
     from ..io import save_csv, save_json
-    from ..plan import resolve_train_plan
+    from ..plan.train import resolve_train_plan
     from ..runtime import configure
     from ..training import train
 
