@@ -46,8 +46,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, head_dim: int):
+    def __init__(self, width: int, head_dim: int, causal: bool = True):
         super().__init__()
+        self.causal = causal  # False: every token attends to every token (the AF / DiT networks)
         if width % head_dim:
             raise ValueError(f"width {width} is not a multiple of head_dim {head_dim}")
         self.heads = width // head_dim
@@ -60,7 +61,7 @@ class Attention(nn.Module):
         h = self.norm(x.float()).to(x.dtype)  # LayerNorm in fp32, as TARFlow does under bf16 autocast
         q, k, v = self.qkv(h).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             if T != 1 and cache.length != 0:
                 raise ValueError("a cached step takes one token at a time")
