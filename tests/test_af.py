@@ -7,13 +7,23 @@ import math
 import pytest
 import torch
 
-from flowback.af_training import load_af_state, step_rng, train_af
+from flowback.af_training import load_af_state, step_rng, train_af, train_flow_classifier
 from flowback.io import FlowBackFileError
-from flowback.models.af import (AFConfig, Discriminator, FlowClassifier, Generator, sample_af, time_grid,
-                                unpatchify)
-from flowback.models.af_objective import (AFState, AFTrainConfig, GradNorm, af_train_step, finite_difference_penalty,
-                                          gap_weight, guidance_loss, interpolate, ot_loss, ot_weight,
-                                          relativistic_loss, sample_times)
+from flowback.models.af import AFConfig, Discriminator, FlowClassifier, Generator, sample_af, time_grid, unpatchify
+from flowback.models.af_objective import (
+    AFState,
+    AFTrainConfig,
+    GradNorm,
+    af_train_step,
+    finite_difference_penalty,
+    gap_weight,
+    guidance_loss,
+    interpolate,
+    ot_loss,
+    ot_weight,
+    relativistic_loss,
+    sample_times,
+)
 from flowback.models.transformer import Attention
 
 TINY = dict(channels=1, image_size=8, patch_size=2, width=16, depth=2, head_dim=8, mlp_ratio=2, num_classes=3)
@@ -296,6 +306,8 @@ def test_resume_is_bit_identical_and_state_loads_with_weights_only(tmp_path, var
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["step"] for r in resumed.log] == [1, 2, 3, 4, 5, 6]
+    drop_time = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]  # noqa: E731
+    assert drop_time(resumed.log) == drop_time(full.log)
     # the saved file is the finished run, loadable without unpickling objects
     again = AFState(c, tc, seed=5)
     again.load_state_dict(torch.load(path, weights_only=True)["state"])
@@ -312,3 +324,33 @@ def test_a_state_from_another_run_is_refused(tmp_path):
         load_af_state(path, AFState(c, AFTrainConfig()), {"seed": 1, "batch": 8, "images": 24})
     with pytest.raises(FlowBackFileError, match="state.pt"):
         train_af(cfg(width=24), images, labels, steps=2, batch=8, seed=0, state_path=path, show_progress=False)
+
+
+def test_af_bench_cases_sample():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import af as bench_af
+
+    bench_af.CONFIGS["tiny"] = dict(bench_af.CONFIGS["quick"], batch=2)
+    try:
+        x = bench_af.setup_af("tiny", "cpu", "float32")()
+        f = bench_af.setup_flow("tiny", "cpu", "float32")()
+    finally:
+        del bench_af.CONFIGS["tiny"]
+    assert x.shape == f.shape == (2, 1, 16, 16) and torch.isfinite(x).all() and torch.isfinite(f).all()
+
+
+def test_a_guided_step_trains_through_a_frozen_flow_classifier():
+    c = cfg()
+    images, labels = _data()
+    clf = train_flow_classifier(c, images, labels, steps=2, batch=8, lr=1e-3, show_progress=False)
+    assert not any(p.requires_grad for p in clf.parameters())
+    before = [p.clone() for p in clf.parameters()]
+    st = AFState(c, AFTrainConfig(cg_weight=0.5), classifier=clf)
+    stats = af_train_step(st, images[:8].float() / 127.5 - 1, labels[:8], step_rng(0, 0))
+    assert stats["cg"] > 0 and math.isfinite(stats["cg"])
+    assert all(torch.equal(a, b) for a, b in zip(before, clf.parameters()))
+    with pytest.raises(ValueError):
+        AFState(c, AFTrainConfig(cg_weight=0.5))  # guidance needs the classifier

@@ -29,7 +29,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .tarflow import TARFlow, sincos_2d
@@ -155,6 +154,15 @@ def as_times(t: torch.Tensor | float | None, batch: int, device: torch.device) -
     return torch.full((batch,), float(t), device=device)
 
 
+def to_target(cfg: AFConfig, x_s: torch.Tensor, out: torch.Tensor, s, t) -> torch.Tensor:
+    """The generator's raw output -> its estimate of x_t: x_t = out (pred x) or x_s - (s - t) out (pred v).
+    Kept outside `Generator.forward` so a DistributedDataParallel wrapper's forward is the only call training makes."""
+    if cfg.pred == "x":
+        return out
+    B = len(x_s)
+    return x_s - (as_times(s, B, x_s.device) - as_times(t, B, x_s.device)).view(-1, 1, 1, 1) * out
+
+
 # ----------------------------------------------------------------------------------------------------- trunk
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
@@ -273,12 +281,7 @@ class Generator(nn.Module):
 
     def transport(self, x: torch.Tensor, y: torch.Tensor | None, s=1.0, t=0.0) -> torch.Tensor:
         """One NFE: the estimate of x_t from x_s (s > t)."""
-        out = self(x, y, s, t)
-        if self.cfg.pred == "x":
-            return out
-        B = len(x)
-        gap = (as_times(s, B, x.device) - as_times(t, B, x.device)).view(-1, 1, 1, 1)
-        return x - gap * out
+        return to_target(self.cfg, x, self(x, y, s, t), s, t)
 
     def state(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "weights": self.state_dict()}

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .af import AFConfig, Discriminator, FlowClassifier, Generator
+from .af import AFConfig, Discriminator, FlowClassifier, Generator, to_target
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def discriminator_update(state: AFState, x_real: torch.Tensor, y: torch.Tensor, 
     n1, n2 = (torch.randn((k, *x_real.shape[1:]), generator=rng).to(dev) for _ in range(2))
     x_s, x_t = interpolate(x_real, noise_src, s), interpolate(x_real, noise_tgt, t)
     with torch.no_grad():
-        fake = G.transport(x_s, y, s, t)
+        fake = to_target(cfg, x_s, G(x_s, y, s, t), s, t)
     w = gap_weight(s, t, tc.min_gap)[:k]
     logits = D(torch.cat([x_t, fake, x_t[:k] + tc.gp_eps * n1, fake[:k] + tc.gp_eps * n2]),
                torch.cat([y, y, y[:k], y[:k]]), torch.cat([t, t, t[:k], t[:k]]))
@@ -278,7 +278,7 @@ def generator_update(state: AFState, x_real: torch.Tensor, y: torch.Tensor, rng:
     x_s, x_t = interpolate(x_real, noise_src, s), interpolate(x_real, noise_tgt, t)
     D.requires_grad_(False)
     try:
-        fake = G.transport(x_s, y, s, t)
+        fake = to_target(cfg, x_s, G(x_s, y, s, t), s, t)
         with torch.no_grad():
             real_l = D(x_t, y, t)
         fake_l = D(state.grad_norm(fake) if tc.grad_norm else fake, y, t)
