@@ -80,8 +80,9 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, head_dim: int):
+    def __init__(self, width: int, head_dim: int, causal: bool = True):
         super().__init__()
+        self.causal = causal  # False: every token attends to every token (the AF / DiT networks)
         if width % head_dim:
             raise ValueError(f"width {width} is not a multiple of head_dim {head_dim}")
         self.heads = width // head_dim
@@ -100,7 +101,7 @@ class Attention(nn.Module):
         if temp is not None:
             q = q / temp.to(q.dtype).view(B, 1, 1, 1)
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             prefix = cache.length
             k, v = cache.append(k, v)
