@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from measure import bench_parser, measure, mib  # noqa: E402
 
-from flowback.models import FlowConfig, TARFlow, sample  # noqa: E402
+from flowback.models.sampling import sample  # noqa: E402
+from flowback.models.tarflow import FlowConfig, TARFlow  # noqa: E402
 from flowback.models.af import AFConfig, Generator, sample_af  # noqa: E402
 
 DIGITS_AF = dict(channels=1, image_size=16, patch_size=4, width=64, depth=4, head_dim=16, mlp_ratio=2,

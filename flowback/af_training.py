@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -24,15 +23,16 @@ from .io import FlowBackFileError, load_torch, save_torch
 from .models.af import AFConfig, FlowClassifier
 from .models.af_objective import AFState, AFTrainConfig, af_train_step, classifier_loss
 from .progress import progress as tqdm
+from .seeding import generator
 
 
 class AFTrainingError(FlowBackError):
     """An adversarial-flow run that cannot continue (a non-finite loss)."""
 
 
-def step_rng(seed: int, step: int) -> torch.Generator:
-    """The generator every random draw of step `step` comes from (the TARFlow loop's seeding rule)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_rng(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The generator every random draw of step `step` on `rank` comes from (each rank draws for its share)."""
+    return generator("af-step", seed, step, rank)
 
 
 def _meta(seed: int, batch: int, n: int) -> dict:
@@ -67,38 +67,49 @@ def train_af(
     classifier: FlowClassifier | None = None,
     show_progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    batches=None,
+    rank: int = 0,
+    on_log: Callable[[list[dict]], None] | None = None,
 ) -> AFState:
     """Train an AF generator on uint8 NCHW images for `steps` steps (one D and one G update each) of `batch`.
 
     `lr` overrides both learning rates of `train` (default AFTrainConfig()). With `state_path`, the state is saved
-    there every `checkpoint_every` steps and at the end, and a run finds it and resumes. Returns the state; its
-    `ema` is the generator to sample from, its `log` has one row every `log_every` steps."""
+    there every `checkpoint_every` steps and at the end (by rank 0), and a run finds it and resumes. Returns the state;
+    its `ema` is the generator to sample from, its `log` has one row every `log_every` steps. `batches` (a Batches
+    source bound to this rank, e.g. ShardBatches for ImageNet) replaces the in-memory images; under torchrun every
+    rank takes its share of the batch and gradients are averaged over the ranks."""
     train = train or AFTrainConfig()
     if lr is not None:
         train = replace(train, lr_g=lr, lr_d=lr)
-    images, labs = torch.as_tensor(images_u8), torch.as_tensor(labels).long()
     state = AFState(cfg, train, seed=seed, device=device, classifier=classifier)
-    meta = _meta(seed, batch, len(images))
+    if batches is None:
+        images, labs = torch.as_tensor(images_u8), torch.as_tensor(labels).long()
+        batches = MemoryBatches(images, labs, batch, seed)
+        meta = _meta(seed, batch, len(images))
+    else:
+        meta = _meta(seed, batch, -1)
     if state_path is not None and Path(state_path).exists():
         load_af_state(state_path, state, meta)
 
     def save() -> None:
-        if state_path is not None:
+        if state_path is not None and rank == 0:
             save_torch(state_path, {"meta": meta, "state": state.state_dict()})
 
-    batches = MemoryBatches(images, labs, batch, seed)
-    t0, done = time.perf_counter(), state.step
-    bar = tqdm(range(state.step, steps), initial=state.step, total=steps, desc="train af", disable=not show_progress)
+    done = state.step
+    bar = tqdm(range(state.step, steps), initial=state.step, total=steps, desc="train af",
+               disable=not show_progress or rank != 0)
     for step in bar:
         b = batches.get(step)
-        stats = af_train_step(state, b.x, b.y, step_rng(seed, step))
+        stats = af_train_step(state, b.x, b.y, step_rng(seed, step, rank))
         if not all(math.isfinite(v) for v in stats.values()):
             raise AFTrainingError(f"AF training: non-finite loss at step {step + 1} ({stats}); lower the learning "
                                   f"rate or raise the OT weight")
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            state.log.append({"step": step + 1, **stats, "seconds": time.perf_counter() - t0})
+            state.log.append({"step": step + 1, **stats})
             bar.set_postfix(d=f"{stats['d_loss']:.3f}", g=f"{stats['g_loss']:.3f}", ot=f"{stats['ot']:.3f}",
                             refresh=False)
+            if on_log is not None and rank == 0:
+                on_log(state.log)
         if checkpoint_every and (step + 1) % checkpoint_every == 0:
             save()
         if on_step is not None:

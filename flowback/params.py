@@ -354,6 +354,60 @@ class DecoderParams(Strict):
                                                       "null = torch.hub's checkpoint folder")
 
 
+# ------------------------------------------------------------------------------------------- adversarial flows
+class AFNetParams(Strict):
+    patch_size: int = Field(4, ge=1)
+    width: int = Field(64, ge=8)
+    depth: int = Field(4, ge=1)
+    head_dim: int = Field(16, ge=4)
+    mlp_ratio: int = Field(2, ge=1)
+
+
+class AFDiscriminatorParams(Strict):
+    width: int | None = Field(None, ge=8, description="null = the generator's")
+    depth: int | None = Field(None, ge=1, description="null = the generator's")
+
+
+class AFOTParams(Strict):
+    start: float = Field(0.2, ge=0, description="weight of the optimal-transport term at step 0")
+    end: float = Field(0.005, ge=0, description="... after the cosine decay")
+    decay_steps: int | None = Field(None, ge=1, description="null = af.train.steps")
+
+
+class AFTrainParams(Strict):
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch, split over the torchrun ranks")
+    lr_g: float = Field(1e-4, gt=0)
+    lr_d: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.0, 0.9)
+    weight_decay: float = Field(0.01, ge=0)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    grad_clip: float = Field(50.0, ge=0, description="0 = none")
+    ot: AFOTParams = AFOTParams()
+    gp_weight: float = Field(0.25, ge=0, description="finite-difference R1/R2 weight")
+    gp_fraction: float = Field(0.25, gt=0, le=1)
+    gp_eps: float = Field(0.01, gt=0)
+    cp_weight: float = Field(0.01, ge=0, description="logit centering")
+    grad_norm: bool = Field(True, description="normalise D's gradient into G (the paper's gradient normalisation)")
+    grad_norm_decay: float = Field(0.9, ge=0, lt=1)
+    min_gap: float = Field(0.001, ge=0)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+
+
+class AFParams(Strict):
+    """Adversarial Flow Models (arXiv 2511.22475): a one-step generator trained adversarially with an optimal-transport
+    term (flowback/models/af.py, docs/af-recipe.md); read by experiments with `family: af`."""
+
+    generator: AFNetParams = AFNetParams()
+    discriminator: AFDiscriminatorParams = AFDiscriminatorParams()
+    nfe: int = Field(1, ge=1, description="network evaluations per sample the generator is trained for")
+    any_step: bool = False
+    pred: Literal["x", "v"] = "x"
+    repeat: int = Field(1, ge=1, description="depth repetition: the blocks run this many times in one evaluation")
+    train: AFTrainParams = AFTrainParams()
+
+
 # ---------------------------------------------------------------------------------------------------- experiments
 STRATEGIES = ("none", "forward", "detach", "reverse")
 _POSITION = re.compile(r"^\s*(?P<blocks>all|\d+(?:\s*&\s*\d+)*)\s*(?:layer\s*(?P<layer>\d+))?\s*$", re.IGNORECASE)
@@ -387,7 +441,11 @@ def parse_position(position: str, layers_per_block: list[int]) -> list[tuple[int
     return out
 
 
+TARFLOW_ONLY = ("model", "align", "encoder")  # sections an `af` experiment may not override
+
+
 class ExperimentParams(Strict):
+    family: Literal["tarflow", "af"] = Field("tarflow", description="af: an adversarial flow (the af: section)")
     strategy: Literal["none", "forward", "detach", "reverse"] = "none"
     position: str | None = None
     seeds: list[Seed] | None = Field(None, min_length=1,
@@ -415,6 +473,17 @@ class ExperimentParams(Strict):
         return v
 
     @model_validator(mode="after")
+    def _af_has_no_alignment(self) -> "ExperimentParams":
+        if self.family == "af":
+            if self.strategy != "none":
+                raise ValueError(f"strategy {self.strategy!r}: alignment strategies are TARFlow's (the adversarial "
+                                 f"flow paper aligns no features); use strategy none for family af")
+            bad = [k for k in self.overrides if k in TARFLOW_ONLY]
+            if bad:
+                raise ValueError(f"overrides.{bad[0]}: a TARFlow setting; family af is configured by the af: section")
+        return self
+
+    @model_validator(mode="after")
     def _position_needs_strategy(self) -> "ExperimentParams":
         if self.strategy == "none" and self.position is not None:
             raise ValueError("strategy 'none' (the baseline) takes no position")
@@ -433,6 +502,7 @@ class Params(Strict):
     align: AlignParams = AlignParams()
     sample: SampleParams = SampleParams()
     decoder: DecoderParams = DecoderParams()
+    af: AFParams = AFParams()
     runtime: RuntimeParams = RuntimeParams()
     results: str = "results"
     experiments: dict[str, ExperimentParams] = Field(default_factory=lambda: {"baseline": ExperimentParams()})
@@ -512,6 +582,7 @@ class Experiment(BaseModel):
     name: str
     seed: int
     params: Params
+    family: str
     strategy: str
     position: str | None
     positions: list[tuple[int, int]]
@@ -554,8 +625,8 @@ def _experiment(params: Params, name: str, seed: int) -> Experiment:
             positions = parse_position(exp.position, merged_params.model.layers_per_block())
         except ValueError as e:
             raise ParamsError(f"experiments.{name}.position: {e}") from None
-    return Experiment(name=name, seed=seed, params=merged_params, strategy=exp.strategy, position=exp.position,
-                      positions=positions, paper=exp.paper)
+    return Experiment(name=name, seed=seed, params=merged_params, family=exp.family, strategy=exp.strategy,
+                      position=exp.position, positions=positions, paper=exp.paper)
 
 
 def _format(err: ValidationError, where: str | None) -> str:

@@ -69,6 +69,7 @@ def generate(
     max_redraws: int = 0,
     denoise_scale: float = 1.0,
     stats: SampleStats | None = None,
+    draw=None,
 ) -> tuple[np.ndarray, float]:
     """Generate images for `labels` (uint8 NHWC) through chunk files; returns (images, seconds spent generating).
 
@@ -77,7 +78,8 @@ def generate(
     plan's choice); the chunk's noise is drawn whole first, so the images do not depend on it (only the noise of a
     NaN redraw, drawn after it, does). `stats` (rank 0) gets the solver's counts of the chunks made here and the
     redraws of all chunks. A chunk whose samples stay non-finite after max_redraws redraws is a NonFiniteSampleError
-    naming it."""
+    naming it. `draw(y, z)` replaces the flow's sampler for another model family (an adversarial flow's generator):
+    z is then drawn in the shape `model.cfg.image_shape`."""
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -107,15 +109,19 @@ def generate(
         g = generator("chunk", seed, c, device=device)
         y = torch.from_numpy(want).to(device)
         cfg = model.cfg
-        z = torch.randn(len(y), cfg.num_tokens, cfg.token_dim, generator=g, device=device)
+        shape = cfg.image_shape if draw is not None else (cfg.num_tokens, cfg.token_dim)
+        z = torch.randn(len(y), *shape, generator=g, device=device)
         m = micro_batch or len(y)
         chunk_stats, parts = SampleStats(), []
         for i in range(0, len(y), m):
-            try:
-                x = sample(model, y[i : i + m], g, guidance, denoise_sigma, use_cache, dtype, z=z[i : i + m],
-                           solver=solver, stats=chunk_stats, denoise_scale=denoise_scale, max_redraws=max_redraws)
-            except NonFiniteSampleError as e:
-                raise NonFiniteSampleError(f"{path}: chunk {c} (seed {seed}): {e}") from e
+            if draw is not None:
+                x = draw(y[i : i + m], z[i : i + m])
+            else:
+                try:
+                    x = sample(model, y[i : i + m], g, guidance, denoise_sigma, use_cache, dtype, z=z[i : i + m],
+                               solver=solver, stats=chunk_stats, denoise_scale=denoise_scale, max_redraws=max_redraws)
+                except NonFiniteSampleError as e:
+                    raise NonFiniteSampleError(f"{path}: chunk {c} (seed {seed}): {e}") from e
             if decode is not None:
                 x = decode(x)
             parts.append(nchw_to_nhwc(to_uint8(x)).cpu().numpy())

@@ -17,7 +17,8 @@ MISSING = "—"
 STRATEGY_NAMES = {"none": "TARFlow baseline", "forward": "Forward", "detach": "Detach", "reverse": "Reverse"}
 # (metrics.json key, column, decimals)
 ABLATION_COLUMNS = [("fid", "FID", 2), ("sfid", "sFID", 2), ("is", "IS", 2), ("cond_acc", "Cond. acc. (%)", 1),
-                    ("acc", "Acc. (%)", 2)]
+                    ("acc", "Acc. (%)", 2), ("images_per_second", "Sampling img/s", 0)]
+TIMING_KEYS = {"images_per_second"}  # read from the runs' sample_timing.json, not from metrics.json
 
 
 def position_label(position: str | None) -> str:
@@ -40,7 +41,8 @@ def _spread(values: list[float]) -> tuple[float, float, int]:
 
 
 def ablation_frame(rows: list[dict]) -> pd.DataFrame:
-    """rows: {experiment, strategy, position, runs: [metrics dict or None per seed]} -> the ablation table.
+    """rows: {experiment, strategy, position, runs: [metrics dict or None per seed], [timings: [sample timing dicts]],
+    [label]} -> the ablation table (`label` names a row of another model family, e.g. the adversarial flow).
 
     Numbers per metric: `<col>` (mean over the evaluated seeds, NaN = missing), `<col> std` and `Seeds` (evaluated
     / planned)."""
@@ -48,10 +50,11 @@ def ablation_frame(rows: list[dict]) -> pd.DataFrame:
     for r in rows:
         runs = r.get("runs") or []
         done = [m for m in runs if m]
-        rec = {"Experiment": r["experiment"], "Strategy": STRATEGY_NAMES[r["strategy"]],
+        timings = [t for t in r.get("timings") or [] if t]
+        rec = {"Experiment": r["experiment"], "Strategy": r.get("label") or STRATEGY_NAMES[r["strategy"]],
                "Alignment position": position_label(r["position"]), "Seeds": f"{len(done)}/{len(runs)}"}
         for key, col, _ in ABLATION_COLUMNS:
-            mean, std, _ = _spread([m.get(key) for m in done])
+            mean, std, _ = _spread([m.get(key) for m in (timings if key in TIMING_KEYS else done)])
             rec[col], rec[f"{col} std"] = mean, std
         records.append(rec)
     return pd.DataFrame.from_records(records)

@@ -18,10 +18,13 @@ def pipeline_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("jobs")
     p = tiny_params(tmp, experiments={"baseline": {"strategy": "none", "seeds": [0, 1]},
                                       "reverse_78": {"strategy": "reverse", "position": "7&8"},
-                                      "forward_12": {"strategy": "forward", "position": "1&2"}})
+                                      "forward_12": {"strategy": "forward", "position": "1&2"},
+                                      "af": {"family": "af"}},
+                    af={"generator": {"width": 16, "depth": 1, "head_dim": 8},
+                        "train": {"steps": 3, "batch_size": 8, "log_every": 1, "checkpoint_every": 2}})
     for name in ("prepare", "encoder", "metricnet", "reference"):
         stage(name, p)
-    for run in ("baseline-s0", "reverse_78-s0"):
+    for run in ("baseline-s0", "reverse_78-s0", "af-s0"):
         for name in ("train", "sample", "evaluate"):
             stage(name, p, run)
     stage("table", p)
@@ -52,8 +55,8 @@ def test_the_table_marks_what_was_not_run_and_shows_seeds(pipeline_run):
     tmp, _ = pipeline_run
     tables = tmp / "results" / "tables"
     df = pd.read_csv(tables / "ablation.csv")
-    assert list(df["Experiment"]) == ["baseline", "reverse_78", "forward_12"]
-    assert list(df["Seeds"]) == ["1/2", "1/1", "0/1"]
+    assert list(df["Experiment"]) == ["baseline", "reverse_78", "forward_12", "af"]
+    assert list(df["Seeds"]) == ["1/2", "1/1", "0/1", "1/1"]
     assert df.loc[df.Experiment == "forward_12", "FID"].isna().all()
     fid = json.loads((tmp / "results" / "runs" / "reverse_78-s0" / "metrics.json").read_text())["fid"]
     assert df.loc[df.Experiment == "reverse_78", "FID"].iloc[0] == pytest.approx(fid)
@@ -70,7 +73,7 @@ def test_each_finished_stage_writes_its_key_file(pipeline_run):
     for name in done:
         assert pipe.stamp(pipe.by_name[name]).exists(), name
     assert not pipe.stamp(pipe.by_name["train@baseline-s1"]).exists()
-    assert len(list((tmp / "results" / "stamps").glob("*.key"))) == 4 + 1 + 3 * 2
+    assert len(list((tmp / "results" / "stamps").glob("*.key"))) == 4 + 1 + 3 * 3
 
 
 def test_a_second_runner_of_the_same_run_stops_naming_the_holder(pipeline_run, capsys):
@@ -94,3 +97,17 @@ def test_a_stage_that_reads_an_undeclared_key_fails_at_once(pipeline_run, monkey
     with pytest.raises(SystemExit):
         stage("table", p)
     assert "stage 'table' read params key 'train.steps'" in capsys.readouterr().err
+
+
+def test_an_adversarial_flow_runs_in_the_same_pipeline(pipeline_run):
+    """family af: its own training and one-step sampler, the same metrics and table, no classifier (no likelihood)."""
+    tmp, _ = pipeline_run
+    run = tmp / "results" / "runs" / "af-s0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert np.isfinite(metrics["fid"]) and np.isfinite(metrics["cond_acc"]) and metrics["acc"] is None
+    assert json.loads((run / "sample.json").read_text())["nfe"] == 1
+    assert np.load(run / "samples.npz")["arr_0"].shape == (30, 16, 16, 1)
+    df = pd.read_csv(tmp / "results" / "tables" / "ablation.csv")
+    row = df[df.Experiment == "af"].iloc[0]
+    assert row["Strategy"] == "Adversarial flow (1 NFE)" and pd.isna(row["Acc. (%)"]) and row["Sampling img/s"] > 0
+    assert "no likelihood" in (tmp / "results" / "tables" / "ablation.md").read_text()

@@ -153,3 +153,16 @@ def test_a_stage_can_read_only_what_it_declares():
             read()
     with pytest.raises(KeyError, match="does not exist"):
         restrict(p, ["train.nope"], "train")
+
+
+@pytest.mark.parametrize("entry, key", [
+    ({"family": "af", "strategy": "reverse", "position": "7&8"}, "experiments.a: strategy 'reverse'"),
+    ({"family": "af", "overrides": {"model": {"width": 32}}}, "overrides.model: a TARFlow setting"),
+])
+def test_tarflow_settings_on_an_adversarial_flow_are_one_line_errors(tmp_path, entry, key):
+    raw = default_raw()
+    raw["experiments"] = {"a": entry}
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    r = command("-m", "flowback", "check", "--params", str(bad))
+    assert r.returncode == 2 and key in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -22,8 +22,11 @@ METRIC_KEYS = ["metrics.network", "metrics.dir", "metrics.batch_size", "metrics.
 
 
 def reads(e: Experiment) -> list[str]:
-    keys = [f"experiments.{e.name}", "results", *METRIC_KEYS, *FLOW_KEYS, *RUNTIME, "runtime.gpu_memory_gib", *data_reads(e.params)]
-    return keys
+    if e.family == "af":  # no likelihood, so no training-free classifier: the generative metrics only
+        keys = [k for k in METRIC_KEYS if "classifier" not in k]
+        return [f"experiments.{e.name}", "results", *keys, *RUNTIME, *data_reads(e.params)]
+    return [f"experiments.{e.name}", "results", *METRIC_KEYS, *FLOW_KEYS, *RUNTIME, "runtime.gpu_memory_gib",
+            *data_reads(e.params)]
 
 
 def inputs(e: Experiment) -> list[str]:
@@ -60,12 +63,15 @@ def run(e: Experiment, progress: bool = True) -> str:
     metrics["cond_acc"] = (100.0 * conditional_accuracy(feats["logits"], labels)
                            if labels is not None and same_classes else None)
 
-    model, _ = load_flow(run_dir / "model.pt", expected=flow_config(p), device=dev)
-    inputs_, targets = classifier_inputs(p, mp.classifier_split)
-    batch = resolve_classifier_batch(e, dev)
-    metrics["acc"] = 100.0 * classifier_accuracy(model, inputs_, targets, batch, show_progress=progress)
+    metrics["acc"] = None  # an adversarial flow has no likelihood: no training-free classifier
+    if e.family != "af":
+        model, _ = load_flow(run_dir / "model.pt", expected=flow_config(p), device=dev)
+        inputs_, targets = classifier_inputs(p, mp.classifier_split)
+        batch = resolve_classifier_batch(e, dev)
+        metrics["acc"] = 100.0 * classifier_accuracy(model, inputs_, targets, batch, show_progress=progress)
     metrics.update(num_samples=int(len(samples)), reference=ref.source, network=mp.network)
     save_json(run_dir / "metrics.json", metrics)
     cond = f"  Cond. acc {metrics['cond_acc']:.1f}%" if metrics["cond_acc"] is not None else ""
     return (f"{e.run}: FID {metrics['fid']:.2f}  sFID {metrics['sfid']:.2f}  IS {metrics['is']:.2f}  "
-            f"P {metrics['precision']:.3f}  R {metrics['recall']:.3f}{cond}  Acc {metrics['acc']:.2f}%")
+            f"P {metrics['precision']:.3f}  R {metrics['recall']:.3f}{cond}"
+            + (f"  Acc {metrics['acc']:.2f}%" if metrics["acc"] is not None else ""))

@@ -9,6 +9,8 @@ GPU (50K images in the paper profiles: sample.per_class 50 x 1000 classes); rank
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from ..params import Experiment
 from . import FLOW_KEYS, RUNTIME, Outputs
 
@@ -16,7 +18,13 @@ PER_RUN = True
 LAUNCHED = True
 
 
+AF_SAMPLE_KEYS = ["sample.per_class", "sample.batch_size", "sample.seed", "sample.dtype"]  # all an `af` run reads
+
+
 def reads(e: Experiment) -> list[str]:
+    if e.family == "af":  # an adversarial flow: one (or af.nfe) network evaluations, nothing of the flow's sampling
+        return [f"experiments.{e.name}", "results", *AF_SAMPLE_KEYS, "af", "model.latent", "data.dataset",
+                "data.image_size", "data.classes", *RUNTIME]
     keys = [f"experiments.{e.name}", "results", "sample", *FLOW_KEYS, *RUNTIME, "runtime.gpu_memory_gib",
             "decoder.enabled"]
     if e.params.decoder.enabled:
@@ -26,6 +34,8 @@ def reads(e: Experiment) -> list[str]:
 
 def inputs(e: Experiment) -> list[str]:
     deps = [f"{e.run_dir}/model.pt"]
+    if e.family == "af":
+        return deps + ([e.params.model.latent.vae_dir] if e.params.model.latent is not None else [])
     if e.params.decoder.enabled:  # the fine-tuned decoder (the decoder stage's output)
         deps.append(f"{e.params.decoder.dir}/diffusion_pytorch_model.safetensors")
     elif e.params.model.latent is not None:
@@ -56,6 +66,8 @@ def run(e: Experiment, progress: bool = True) -> str:
 
     p, sp = e.params, e.params.sample
     dev, rank, _ = setup(configure(p.runtime))
+    if e.family == "af":
+        return _run_af(e, dev, rank, progress)
     run_dir = e.run_dir
     model, _ = load_flow(run_dir / "model.pt", expected=flow_config(p), device=dev)
     labels = balanced_labels(p.data.num_classes, sp.per_class)
@@ -63,7 +75,8 @@ def run(e: Experiment, progress: bool = True) -> str:
     key = f"{sha256_file(run_dir / 'model.pt')}:{sp.model_dump_json()}"
     decode = None
     if p.model.latent is not None:  # denoising (below) runs on latents; decoding follows it
-        decode, vae_key = _latent_decoder(p, dev)
+        # a decoder fine-tuned on noisy latents (the decoder stage) replaces the VAE's own
+        decode, vae_key = _latent_decoder(p, dev, p.decoder.dir if p.decoder.enabled else p.model.latent.vae_dir)
         key = f"{key}:{vae_key}"
     # a decoder fine-tuned on noisy latents replaces the denoising step (STARFlow)
     denoise_sigma = p.model.noise_std if sp.denoise and not p.decoder.enabled else 0.0
@@ -91,16 +104,56 @@ def run(e: Experiment, progress: bool = True) -> str:
     return f"{e.run}: {len(images)} samples ({np.bincount(labels).min()} per class) in {seconds:.0f} s"
 
 
-def _latent_decoder(p, dev):
-    """The VAE's decode (latents -> [-1, 1] pixels) and a key naming it; its grid must match the flow's latents."""
+def _run_af(e: Experiment, dev, rank: int, progress: bool) -> str:
+    """An adversarial flow's samples: z ~ N(0, I) per chunk, then af.nfe evaluations of the generator."""
+    import json
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from ..builders import af_config
+    from ..checkpoints import load_generator
+    from ..io import save_json, save_npz, sha256_file
+    from ..models.af import sample_af
+    from ..plots import image_grid, save_png
+    from ..sampler import balanced_labels, generate
+
+    p, sp, run_dir = e.params, e.params.sample, e.run_dir
+    model, _ = load_generator(run_dir / "model.pt", expected=af_config(p), device=dev)
+    labels = balanced_labels(p.data.num_classes, sp.per_class)
+    dtype = torch.bfloat16 if sp.dtype == "bfloat16" else None
+    settings = {k.split(".")[1]: getattr(sp, k.split(".")[1]) for k in AF_SAMPLE_KEYS}
+    key = f"{sha256_file(run_dir / 'model.pt')}:{json.dumps(settings, sort_keys=True)}"
+    decode = None
+    if p.model.latent is not None:
+        decode, vae_key = _latent_decoder(p, dev, p.model.latent.vae_dir, af_config(p).channels,
+                                          af_config(p).image_size)
+        key = f"{key}:{vae_key}"
+    images, seconds = generate(model, labels, run_dir / "chunks", sp.batch_size, sp.seed, dtype=dtype,
+                               show_progress=progress, decode=decode, key=key,
+                               draw=lambda y, z: sample_af(model, y, z=z, dtype=dtype))
+    if rank != 0:
+        return ""
+    save_npz(run_dir / "samples.npz", arr_0=images, arr_1=labels)
+    save_png(run_dir / "samples.png", image_grid(images, labels, p.data.num_classes))
+    save_json(run_dir / "sample.json", {"count": int(len(images)), "family": "af", "nfe": p.af.nfe})
+    save_json(run_dir / "sample_timing.json", {"seconds": seconds,
+                                               "images_per_second": len(images) / seconds if seconds > 0 else None})
+    shutil.rmtree(run_dir / "chunks", ignore_errors=True)
+    return f"{e.run}: {len(images)} samples ({np.bincount(labels).min()} per class), {p.af.nfe} NFE, in {seconds:.1f} s"
+
+
+def _latent_decoder(p, dev, vae_dir: str, channels: int | None = None, size: int | None = None):
+    """The decode (latents -> [-1, 1] pixels) of the VAE in `vae_dir` and a key naming it; its grid must match the
+    model's latents (the flow's, or `channels` x `size` for another family)."""
     from ..builders import VAE_CHANNELS, VAE_DOWNSAMPLE, flow_config
     from ..io import FlowBackFileError
     from ..models.vae import LatentCodec, load_vae, vae_fingerprint  # diffusers only for latent mode
 
     lp = p.model.latent
-    vae_dir = p.decoder.dir if p.decoder.enabled else lp.vae_dir
     codec = LatentCodec(load_vae(vae_dir, dev), lp.scale)
-    cfg = flow_config(p)
+    cfg = flow_config(p) if channels is None else SimpleNamespace(channels=channels, image_size=size)
     if codec.latent_channels != cfg.channels or cfg.image_size * codec.factor != p.data.image_size:
         raise FlowBackFileError(
             f"{vae_dir}: this VAE decodes {codec.latent_channels}-channel latents, upsampling by "

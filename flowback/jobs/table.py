@@ -10,7 +10,8 @@ from . import Outputs
 PER_RUN = False
 LAUNCHED = False
 NOTE_KEYS = ["data.dataset", "data.image_size", "data.classes", "train.steps", "train.seed", "sample.per_class",
-             "metrics.network", "metrics.reference_split", "metrics.reference_batch", "metrics.classifier_split"]
+             "metrics.network", "metrics.reference_split", "metrics.reference_batch", "metrics.classifier_split",
+             "af.nfe"]
 
 
 def reads(p: Params) -> list[str]:
@@ -18,7 +19,8 @@ def reads(p: Params) -> list[str]:
 
 
 def inputs(p: Params) -> list[str]:
-    return [f"{p.run_dir(r)}/{f}" for r in p.runs() for f in ("metrics.json", "train_log.csv", "samples.npz")]
+    return [f"{p.run_dir(r)}/{f}" for r in p.runs()
+            for f in ("metrics.json", "train_log.csv", "samples.npz", "sample_timing.json")]
 
 
 def outputs(p: Params) -> Outputs:
@@ -36,6 +38,10 @@ def note(p: Params) -> str:
             f"experiment (cells with several: mean ± std over seeds). FID/sFID/IS with the `{m.network}` feature "
             f"network against {ref}; Cond. acc. = the feature network's accuracy at recognising each sample's "
             f"conditioning class; Acc. = the training-free classifier on the {m.classifier_split} split.")
+    if any(e.family == "af" for e in p.experiments.values()):
+        text += (f" Adversarial flow: {p.af.nfe} network evaluation(s) per sample; Acc. is not defined for it (it has "
+                 f"no likelihood, so no training-free classifier). Sampling img/s: one process on this machine, "
+                 f"denoising included for the flows (a timing, not a metric).")
     if d.dataset == "digits":
         text += (" The embedded default is a toy profile (16x16 digits, minutes of CPU): it shows the mechanism "
                  "(where alignment gradients go, what they do to samples and to the classifier) and its spread over "
@@ -58,9 +64,11 @@ def run(p: Params, progress: bool = True) -> str:
     for name, e in p.experiments.items():
         runs = [p.run_dir(f"{name}-s{s}") for s in p.seeds(name)]
         metrics = [load_json(r / "metrics.json") if (r / "metrics.json").exists() else None for r in runs]
+        timings = [load_json(r / "sample_timing.json") if (r / "sample_timing.json").exists() else None for r in runs]
+        label = f"Adversarial flow ({p.af.nfe} NFE)" if e.family == "af" else None
         rows.append({"experiment": name, "strategy": e.strategy, "position": e.position, "paper": e.paper,
-                     "runs": metrics})
-        logs[name] = [r / "train_log.csv" for r in runs if (r / "train_log.csv").exists()]
+                     "runs": metrics, "timings": timings, "label": label})
+        logs[name] = [r / "train_log.csv" for r in runs if (r / "train_log.csv").exists() and e.family != "af"]
         first = runs[0] / "samples.npz"
         if first.exists():
             images, labels = load_samples(first, p.data.channels, p.data.image_size)

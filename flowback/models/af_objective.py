@@ -239,6 +239,21 @@ class AFState:
         self.log = [dict(r) for r in sd["log"]]
 
 
+def average_gradients(module: nn.Module) -> None:
+    """Under torch.distributed, make every rank's gradients the mean over ranks (each rank takes its share of the
+    batch); a plain run is untouched. G and D are called several times per update, so this all-reduce after the
+    backward replaces DDP's one-forward-per-backward bucketing."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
 def _clip(params, max_norm: float) -> float:
     return float(nn.utils.clip_grad_norm_(list(params), max_norm if max_norm > 0 else float("inf")))
 
@@ -264,6 +279,7 @@ def discriminator_update(state: AFState, x_real: torch.Tensor, y: torch.Tensor, 
     loss = adv + r1 + r2 + cp
     state.opt_d.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients(D)
     norm = _clip(D.parameters(), tc.grad_clip)
     state.opt_d.step()
     return {"d_loss": adv.item(), "r1": r1.item(), "r2": r2.item(), "cp": cp.item(), "d_grad_norm": norm,
@@ -293,6 +309,7 @@ def generator_update(state: AFState, x_real: torch.Tensor, y: torch.Tensor, rng:
         loss.backward()
     finally:
         D.requires_grad_(True)
+    average_gradients(G)
     norm = _clip(G.parameters(), tc.grad_clip)
     state.opt_g.step()
     with torch.no_grad():

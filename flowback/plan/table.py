@@ -8,7 +8,7 @@ from ..params import Experiment, Params
 from .classifier import plan_classifier
 from .measure import GIB, H100_BF16_TFLOPS, HEADROOM, Choice, Measure, PlanError, _fake, _memo, inference_model, measure
 from .sample import plan_sample
-from .train import plan_train
+from .train import plan_af, plan_train
 
 
 def encode_pass(params: Params, batch: int) -> Measure:
@@ -53,6 +53,10 @@ def plan_rows(params: Params, world: int) -> list[tuple[Choice, float]]:
     rows = []
     for run in params.runs():
         exp = params.run(run)
+        if exp.family == "af":
+            t = plan_af(exp, world)
+            rows.append((t, t.steps * t.measure.flops * world / 1e12 / 3600))
+            continue
         t = plan_train(exp, world)
         rows.append((t, t.steps * t.measure.flops * t.accumulation * world / 1e12 / 3600))
         s = plan_sample(exp)

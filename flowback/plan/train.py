@@ -104,3 +104,40 @@ def resolve_train_plan(exp: Experiment, world: int, device: torch.device):
 
     c = plan_train(exp, world)
     return StepPlan(c.value, c.accumulation, c.checkpointing)
+
+
+@_memo
+def af_step(exp: Experiment, batch: int) -> Measure:
+    """One step of an adversarial flow (a D update and a G update) on `batch` images, after a first step."""
+    from ..builders import af_config, af_train_config
+    from ..models.af_objective import AFState, af_train_step
+
+    with _fake():
+        cfg = af_config(exp.params)
+        state = AFState(cfg, af_train_config(exp.params), seed=0, device="cpu")
+        x = torch.randn(batch, *cfg.image_shape)
+        y = torch.randint(0, cfg.num_classes, (batch,))
+        rng = torch.Generator().manual_seed(0)
+
+        def step():
+            af_train_step(state, x, y, rng)
+
+        step()
+        return measure(step, state.generator, state.discriminator, state.ema, state.opt_g, state.opt_d, x, y)
+
+
+def plan_af(exp: Experiment, world: int) -> Choice:
+    """An adversarial flow trains on its whole per-rank share at once (no accumulation): checked, not chosen."""
+    at = exp.params.af.train
+    share = at.batch_size // world
+    if at.batch_size % world:
+        raise PlanError(f"run {exp.run!r}: af.train.batch_size {at.batch_size} does not split over {world} GPUs")
+    budget = _budget(exp.params)
+    if budget is None:
+        return Choice(exp.run, "train", share, False, 1, Measure(0, 0), at.steps)
+    m = af_step(exp, share)
+    if m.peak > budget:
+        raise PlanError(f"run {exp.run!r}: the adversarial flow's step does not fit in runtime.gpu_memory_gib "
+                        f"{exp.params.runtime.gpu_memory_gib} GiB at its per-GPU batch {share} ({m.peak / GIB:.1f} GiB "
+                        f"needed); use more GPUs or a smaller af.train.batch_size")
+    return Choice(exp.run, "train", share, False, 1, m, at.steps)
