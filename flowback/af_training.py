@@ -101,16 +101,20 @@ def train_af(
     for step in bar:
         b = batches.get(step)
         stats = af_train_step(state, b.x, b.y, step_rng(seed, step, rank))
-        if not all(math.isfinite(v) for v in stats.values()):
-            raise AFTrainingError(f"AF training: non-finite loss at step {step + 1} ({stats}); lower the learning "
-                                  f"rate or raise the OT weight")
-        if (step + 1) % log_every == 0 or step + 1 == steps:
+        logs = (step + 1) % log_every == 0 or step + 1 == steps
+        saves = checkpoint_every and (step + 1) % checkpoint_every == 0
+        if logs or saves:  # the host sync, at log and checkpoint steps only: nothing non-finite is ever saved
+            stats = {k: float(v) for k, v in stats.items()}
+            if not all(math.isfinite(v) for v in stats.values()):
+                raise AFTrainingError(f"AF training: non-finite loss at or before step {step + 1} ({stats}); lower "
+                                      f"the learning rate or raise the OT weight")
+        if logs:
             state.log.append({"step": step + 1, **stats})
             bar.set_postfix(d=f"{stats['d_loss']:.3f}", g=f"{stats['g_loss']:.3f}", ot=f"{stats['ot']:.3f}",
                             refresh=False)
             if on_log is not None and rank == 0:
                 on_log(state.log)
-        if checkpoint_every and (step + 1) % checkpoint_every == 0:
+        if saves:
             save()
         if on_step is not None:
             on_step(step + 1)

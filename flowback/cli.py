@@ -19,13 +19,21 @@ from .params import load_params
 
 def check(path: str) -> int:
     params = load_params(path)
-    m = params.model
-    print(f"{path}: valid. Model: {m.blocks} blocks x {m.layers_per_block()} layers, width {m.width}, "
-          f"patch {m.patch_size}; {params.train.steps} training steps; {len(params.runs())} runs.")
+    m, g = params.model, params.af.generator
+    families = {e.family for e in params.experiments.values()}
+    parts = []
+    if "tarflow" in families:
+        parts.append(f"flow: {m.blocks} blocks x {m.layers_per_block()} layers, width {m.width}, patch {m.patch_size}, "
+                     f"{params.train.steps} training steps")
+    if "af" in families:
+        parts.append(f"adversarial flow: DiT width {g.width} x {g.depth}, patch {g.patch_size}, "
+                     f"{params.af.train.steps} training steps")
+    print(f"{path}: valid. {'; '.join(parts)}; {len(params.runs())} runs.")
     for run in params.runs():
         exp = params.run(run)
         where = ", ".join(f"block {b} layer {l}" for b, l in exp.positions) or "-"
-        print(f"  {run:<20} {exp.strategy:<8} {exp.position or '-':<14} -> {where}")
+        kind = "af" if exp.family == "af" else exp.strategy
+        print(f"  {run:<20} {kind:<8} {exp.position or '-':<14} -> {where}")
     return 0
 
 

@@ -59,6 +59,15 @@ TABLES: dict[str, dict] = {
             "starflow_guided": {"label": "STARFlow 1.4B, deep-shallow 18(6), guided", "fid": 2.40},
         },
     },
+    "af256": {
+        "title": "Adversarial Flow Models (arXiv 2511.22475), ImageNet 256x256, 1 NFE, no guidance. The paper's own "
+                 "table could not be read here: these numbers are those published with the released checkpoints "
+                 "(see docs/af-recipe.md); check them against the paper before citing",
+        "rows": {
+            "b2": {"label": "AF-B/2, 1 NFE", "fid": 6.07, "is": 169.51},
+            "xl2": {"label": "AF-XL/2, 1 NFE", "fid": 3.98, "is": 201.85},
+        },
+    },
 }
 
 

@@ -201,13 +201,14 @@ class AFState:
             torch.manual_seed(seed)
             self.generator = Generator(cfg)
             self.discriminator = Discriminator(cfg)
-        self.generator.to(device)
-        self.discriminator.to(device)
+        if device is not None:  # None: where they were built (the memory plan builds them under fake tensors)
+            self.generator.to(device)
+            self.discriminator.to(device)
         self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         opt = dict(betas=train.betas, eps=train.eps, weight_decay=train.weight_decay)
         self.opt_g = torch.optim.AdamW(self.generator.parameters(), lr=train.lr_g, **opt)
         self.opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=train.lr_d, **opt)
-        self.grad_norm = GradNorm(train.grad_norm_decay).to(device)
+        self.grad_norm = GradNorm(train.grad_norm_decay).to(self.device)
         self.classifier = classifier.to(device).eval().requires_grad_(False) if classifier is not None else None
         if train.cg_weight > 0 and classifier is None:
             raise ValueError("cg_weight > 0 needs a FlowClassifier (flow-based classifier guidance)")
@@ -254,8 +255,8 @@ def average_gradients(module: nn.Module) -> None:
             p.grad /= world
 
 
-def _clip(params, max_norm: float) -> float:
-    return float(nn.utils.clip_grad_norm_(list(params), max_norm if max_norm > 0 else float("inf")))
+def _clip(params, max_norm: float) -> torch.Tensor:
+    return nn.utils.clip_grad_norm_(list(params), max_norm if max_norm > 0 else float("inf"))
 
 
 def discriminator_update(state: AFState, x_real: torch.Tensor, y: torch.Tensor, rng: torch.Generator) -> dict:
@@ -282,8 +283,8 @@ def discriminator_update(state: AFState, x_real: torch.Tensor, y: torch.Tensor, 
     average_gradients(D)
     norm = _clip(D.parameters(), tc.grad_clip)
     state.opt_d.step()
-    return {"d_loss": adv.item(), "r1": r1.item(), "r2": r2.item(), "cp": cp.item(), "d_grad_norm": norm,
-            "logit_real": real.mean().item(), "logit_fake": fake_l.mean().item()}
+    return {"d_loss": adv.detach(), "r1": r1.detach(), "r2": r2.detach(), "cp": cp.detach(), "d_grad_norm": norm,
+            "logit_real": real.mean().detach(), "logit_fake": fake_l.mean().detach()}
 
 
 def generator_update(state: AFState, x_real: torch.Tensor, y: torch.Tensor, rng: torch.Generator) -> dict:
@@ -315,12 +316,13 @@ def generator_update(state: AFState, x_real: torch.Tensor, y: torch.Tensor, rng:
     with torch.no_grad():
         for pe, pg in zip(state.ema.parameters(), G.parameters()):
             pe.lerp_(pg, 1 - tc.ema_decay)
-    return {"g_loss": adv.item(), "ot": ot.item(), "ot_weight": lam, "cg": cg.item(), "g_grad_norm": norm}
+    return {"g_loss": adv.detach(), "ot": ot.detach(), "ot_weight": lam, "cg": cg.detach(), "g_grad_norm": norm}
 
 
 def af_train_step(state: AFState, x_real: torch.Tensor, y: torch.Tensor, rng: torch.Generator) -> dict:
     """One D update then one G update on the batch (x_real in model space, y int64 labels); `rng` (a CPU
-    torch.Generator) supplies every random draw, so a step is a pure function of (state, batch, rng seed)."""
+    torch.Generator) supplies every random draw, so a step is a pure function of (state, batch, rng seed).
+    Returns the step's losses and gradient norms as 0-d tensors (no host sync per step; `float()` them to log)."""
     x_real, y = x_real.to(state.device), y.to(state.device)
     stats = discriminator_update(state, x_real, y, rng)
     stats.update(generator_update(state, x_real, y, rng))

@@ -114,7 +114,9 @@ def af_step(exp: Experiment, batch: int) -> Measure:
 
     with _fake():
         cfg = af_config(exp.params)
-        state = AFState(cfg, af_train_config(exp.params), seed=0, device="cpu")
+        state = AFState(cfg, af_train_config(exp.params), seed=0, device=None)
+        # deepcopy (AFState's EMA) gives a fake module its own fake mode: rebuild the EMA in this one
+        state.ema = type(state.generator)(cfg).eval().requires_grad_(False)
         x = torch.randn(batch, *cfg.image_shape)
         y = torch.randint(0, cfg.num_classes, (batch,))
         rng = torch.Generator().manual_seed(0)
