@@ -88,7 +88,7 @@ rule decoder:
 
 rule train:
     input: lambda w: needs("train", w.run)
-    output: f"{STAMPS}/train@{{run}}.{{key}}.key"
+    output: f"{STAMPS}/train_{{run}}.{{key}}.key"
     threads: THREADS
     params: cmd=lambda w: P.cmd(P.instance("train", w.run))
     shell: "{params.cmd}"
@@ -96,7 +96,7 @@ rule train:
 
 rule sample:
     input: lambda w: needs("sample", w.run)
-    output: f"{STAMPS}/sample@{{run}}.{{key}}.key"
+    output: f"{STAMPS}/sample_{{run}}.{{key}}.key"
     threads: THREADS
     params: cmd=lambda w: P.cmd(P.instance("sample", w.run))
     shell: "{params.cmd}"
@@ -104,7 +104,7 @@ rule sample:
 
 rule evaluate:
     input: lambda w: needs("evaluate", w.run)
-    output: f"{STAMPS}/evaluate@{{run}}.{{key}}.key"
+    output: f"{STAMPS}/evaluate_{{run}}.{{key}}.key"
     threads: THREADS
     params: cmd=lambda w: P.cmd(P.instance("evaluate", w.run))
     shell: "{params.cmd}"

@@ -69,10 +69,10 @@ def test_the_table_marks_what_was_not_run_and_shows_seeds(pipeline_run):
 def test_each_finished_stage_writes_its_key_file(pipeline_run):
     tmp, p = pipeline_run
     pipe = Pipeline(load_params(p), str(p))
-    done = {"prepare", "encoder", "metricnet", "reference", "table", "train@baseline-s0", "sample@reverse_78-s0"}
+    done = {"prepare", "encoder", "metricnet", "reference", "table", "train_baseline-s0", "sample_reverse_78-s0"}
     for name in done:
         assert pipe.stamp(pipe.by_name[name]).exists(), name
-    assert not pipe.stamp(pipe.by_name["train@baseline-s1"]).exists()
+    assert not pipe.stamp(pipe.by_name["train_baseline-s1"]).exists()
     assert len(list((tmp / "results" / "stamps").glob("*.key"))) == 4 + 1 + 3 * 3
 
 
