@@ -131,3 +131,22 @@ def test_bad_reverse_grad_is_rejected():
         AlignSpec("reverse", ((1, 1),), reverse_grad="full")
     with pytest.raises(ValueError, match="reverse_tol"):
         AlignSpec("reverse", ((1, 1),), reverse_grad="exact", reverse_tol=-1.0)
+
+
+@pytest.mark.parametrize("grad", VARIANTS)
+def test_variants_run_under_bf16_autocast(grad):
+    # the adjoint recomputes the block in backward: under the forward's autocast, so it stays close to float32
+    model = make_model()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5)).clamp(-1, 1)
+    y = torch.tensor([0, 1, 3])
+    grads = []
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(x, y, keep_inputs=True)
+            feats = alignment_features(model, out, model.conditions(y, None, 3),
+                                       AlignSpec("reverse", ((2, 3),), reverse_grad=grad))
+            loss = sum(h.float().pow(2).mean() for h in feats.values())
+        model.zero_grad()
+        loss.backward()
+        grads.append(flat({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, model))
+    assert torch.isfinite(grads[1]).all() and rel(grads[1], grads[0]) < 0.05  # 0.005 here
