@@ -128,7 +128,7 @@ def _chain(rebuilt, u, g, tol):
 
     One vector-Jacobian product per token dimension D gives every M_i at once (cotangent e_d on every token: row d
     of each M_i, since each output depends on one input); the recurrence is then solved exactly by doubling,
-    ceil(log2 T) rounds of batched D x D products. D + 1 backward passes instead of up to T sweeps."""
+    ceil(log2 T) rounds of batched D x D products. D backward passes instead of up to T sweeps."""
     B, T, D = u.shape
     eye = torch.eye(D, dtype=g.dtype, device=g.device)
     rows = [_vjp_u(rebuilt, u, eye[d].expand(B, T, D).contiguous()) for d in range(D)]
@@ -141,7 +141,7 @@ def _chain(rebuilt, u, g, tol):
         s = s + (P @ s_ahead.unsqueeze(-1)).squeeze(-1)
         P = P @ P_ahead
         step *= 2
-    return s, D + 1
+    return s, D
 
 
 def fixed_point_inverse(jmap: Callable, context: torch.Tensor, v: torch.Tensor, cond: torch.Tensor | None,
@@ -150,7 +150,8 @@ def fixed_point_inverse(jmap: Callable, context: torch.Tensor, v: torch.Tensor, 
     """The inverse u* of v (value: `context`) with the exact implicit gradient of u* = jmap(u*, v, cond).
 
     solve: "sweeps" for any autoregressive jmap, "chain" when token i+1 depends only on token i. tol = 0: exact;
-    tol > 0 lets sweeps stop at that relative change. `sweeps`, if given, gets each backward's pass count appended.
+    tol > 0 lets sweeps stop at that relative change. `sweeps`, if given, gets each backward's count of adjoint
+    passes (vector-Jacobian products with respect to u; the parameters' gradients take one more) appended.
     """
     return _FixedPointInverse.apply(jmap, context, solve, tol, sweeps, v, cond, *params)
 
