@@ -54,6 +54,8 @@ def test_linear_probe_scores_every_position_and_is_deterministic():
     assert first.accuracy == again.accuracy and first.best == again.best
     assert first.best_accuracy == max(first.accuracy.values()) > 0.9
     assert first.to_dict()["best"] == f"block{first.best[0]}_layer{first.best[1]}"
+    some = linear_probe(model, tx, ty, vx, vy, max_train=120, positions=[(2, 3), (1, 1)])
+    assert some.accuracy == {p: first.accuracy[p] for p in [(1, 1), (2, 3)]}
 
 
 def test_features_are_unconditional():

@@ -50,12 +50,20 @@ def subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
+def all_positions(model: TARFlow) -> list[tuple[int, int]]:
+    return [(b, l) for b, n in enumerate(model.cfg.layers, start=1) for l in range(1, n + 1)]
+
+
 @torch.no_grad()
-def probe_features(model: TARFlow, inputs: np.ndarray, batch_size: int = 256) -> dict[tuple[int, int], np.ndarray]:
-    """Token-averaged hidden states (N, width) after every layer of every block, unconditional forward pass."""
+def probe_features(model: TARFlow, inputs: np.ndarray, batch_size: int = 256,
+                   positions: list[tuple[int, int]] | None = None) -> dict[tuple[int, int], np.ndarray]:
+    """Token-averaged hidden states (N, width) after each (block, layer) in `positions` (default: every one),
+    from the unconditional forward pass."""
     device = next(model.parameters()).device
     model.eval()
-    keep = {b: set(range(1, n + 1)) for b, n in enumerate(model.cfg.layers, start=1)}
+    keep: dict[int, set[int]] = {}
+    for b, l in positions or all_positions(model):
+        keep.setdefault(b, set()).add(l)
     parts: dict[tuple[int, int], list[np.ndarray]] = {}
     for start in range(0, len(inputs), batch_size):
         x = _model_inputs(inputs[start : start + batch_size]).to(device)
@@ -78,15 +86,17 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
 
 def linear_probe(model: TARFlow, train_inputs: np.ndarray, train_labels: np.ndarray, val_inputs: np.ndarray,
                  val_labels: np.ndarray, C: float = 1.0, max_iter: int = 1000, max_train: int | None = None,
-                 batch_size: int = 256, seed: int = 0) -> ProbeResult:
-    """Probe every (block, layer): fit on (a fixed subset of at most max_train of) train, score on val.
+                 batch_size: int = 256, seed: int = 0, positions: list[tuple[int, int]] | None = None) -> ProbeResult:
+    """Probe each (block, layer) in `positions` (default: every one): fit on (a fixed subset of at most max_train
+    of) train, score on val.
 
-    Inputs are clean uint8 NCHW images, or float model-space latents for a latent flow (as the classifier takes)."""
+    Inputs are clean uint8 NCHW images, or float model-space latents for a latent flow (as the classifier takes).
+    Memory is N x width floats per position; at ImageNet scale, limit max_train and the positions."""
     if len(np.unique(train_labels)) < 2:
         raise ValueError("the linear probe needs at least two classes in the train split")
     keep = subset(len(train_inputs), max_train, seed)
-    train = probe_features(model, train_inputs[keep], batch_size)
-    val = probe_features(model, val_inputs, batch_size)
+    train = probe_features(model, train_inputs[keep], batch_size, positions)
+    val = probe_features(model, val_inputs, batch_size, positions)
     accuracy, unconverged = {}, []
     for p in train:
         accuracy[p], converged = fit_probe(train[p], np.asarray(train_labels)[keep], val[p], np.asarray(val_labels),
