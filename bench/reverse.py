@@ -103,7 +103,9 @@ def setup_step(config: str, device: str, strategy: str, position: str | None, re
 def main(argv=None) -> float:
     ap = bench_parser(__doc__, CONFIGS)
     ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--tables", default="1,2,3", help="which tables to run, e.g. 3 (the headline needs table 1)")
     args = ap.parse_args(argv)
+    tables = {int(t) for t in args.tables.split(",")}
     config = args.config or ("quick" if args.quick else "cpu")
     repeat = args.repeat or (3 if args.quick else 5)
     run = functools.partial(measure, device=args.device, warmup=1, repeat=repeat)
@@ -113,51 +115,59 @@ def main(argv=None) -> float:
     print(f"config {config}: {len(c['layers'])} blocks x {c['layers'][0]} layers, width {c['width']}, {tokens} tokens, "
           f"batch {CONFIGS[config]['batch']}, {args.device}, {args.dtype}")
 
-    positions = ["7&8"] if args.quick else ["7&8", "all"]
-    print("\n| R-REPA position | naive step (s) | pseudo step (s) | speedup | naive peak (MiB) | pseudo peak (MiB) | "
-          "memory ratio |\n|---|---|---|---|---|---|---|")
     headline = None
-    for pos in positions:
-        naive = run(functools.partial(setup_step, strategy="reverse", position=pos, reverse_impl="naive", **common),
-                    repeat=2, warmup=0)  # slow: first call (memory) + one more, best of the two
-        pseudo = run(functools.partial(setup_step, strategy="reverse", position=pos, **common))
-        speedup = naive["seconds"] / pseudo["seconds"]
-        headline = headline or speedup
-        print(f"| {pos} | {naive['seconds']:.3f} | {pseudo['seconds']:.3f} | {speedup:.1f}x | "
-              f"{mib(naive['peak_bytes'])} | {mib(pseudo['peak_bytes'])} | "
-              f"{pseudo['peak_bytes'] / max(naive['peak_bytes'], 1):.2f} |")
+    if 1 in tables:
+        positions = ["7&8"] if args.quick else ["7&8", "all"]
+        print("\n| R-REPA position | naive step (s) | pseudo step (s) | speedup | naive peak (MiB) | "
+              "pseudo peak (MiB) | memory ratio |\n|---|---|---|---|---|---|---|")
+        for pos in positions:
+            naive = run(functools.partial(setup_step, strategy="reverse", position=pos, reverse_impl="naive",
+                                          **common), repeat=2, warmup=0)  # slow: first call (memory) + one more
+            pseudo = run(functools.partial(setup_step, strategy="reverse", position=pos, **common))
+            speedup = naive["seconds"] / pseudo["seconds"]
+            if headline is None:
+                headline = speedup
+            print(f"| {pos} | {naive['seconds']:.3f} | {pseudo['seconds']:.3f} | {speedup:.1f}x | "
+                  f"{mib(naive['peak_bytes'])} | {mib(pseudo['peak_bytes'])} | "
+                  f"{pseudo['peak_bytes'] / max(naive['peak_bytes'], 1):.2f} |")
 
-    rows = [("TARFlow baseline", "none", None, False), ("Forward", "forward", "all", False),
-            ("Detach", "detach", "all", False), ("Reverse", "reverse", "all", False),
-            ("Forward", "forward", "1&2", False), ("Detach", "detach", "7&8", False),
-            ("Reverse", "reverse", "7&8", False), ("Reverse", "reverse", f"7&8 layer {c['layers'][0] - 2}", False),
-            ("Reverse, encoder in step", "reverse", "7&8", True)]
-    if args.quick:
-        rows = [r for r in rows if r[2] in (None, "7&8")]
-    print("\n| Strategy | Position | step (s) | over baseline | peak (MiB) |\n|---|---|---|---|---|")
-    base = None
-    for label, strategy, pos, enc in rows:
-        r = run(functools.partial(setup_step, strategy=strategy, position=pos, encoder_in_step=enc, **common))
-        base = base or r["seconds"]
-        print(f"| {label} | {pos or '-'} | {r['seconds']:.3f} | {r['seconds'] / base:.2f}x | {mib(r['peak_bytes'])} |")
+    if 2 in tables:
+        rows = [("TARFlow baseline", "none", None, False), ("Forward", "forward", "all", False),
+                ("Detach", "detach", "all", False), ("Reverse", "reverse", "all", False),
+                ("Forward", "forward", "1&2", False), ("Detach", "detach", "7&8", False),
+                ("Reverse", "reverse", "7&8", False), ("Reverse", "reverse", f"7&8 layer {c['layers'][0] - 2}", False),
+                ("Reverse, encoder in step", "reverse", "7&8", True)]
+        if args.quick:
+            rows = [r for r in rows if r[2] in (None, "7&8")]
+        print("\n| Strategy | Position | step (s) | over baseline | peak (MiB) |\n|---|---|---|---|---|")
+        base = None
+        for label, strategy, pos, enc in rows:
+            r = run(functools.partial(setup_step, strategy=strategy, position=pos, encoder_in_step=enc, **common))
+            base = base or r["seconds"]
+            print(f"| {label} | {pos or '-'} | {r['seconds']:.3f} | {r['seconds'] / base:.2f}x | "
+                  f"{mib(r['peak_bytes'])} |")
 
-    print("\n| reverse_grad | implementation | step (s) | over baseline | peak (MiB) | peak over baseline | "
-          "adjoint passes per block |\n|---|---|---|---|---|---|---|")
-    variants = [("baseline", "none", "pseudo", "paper", 0.0), ("paper", "reverse", "pseudo", "paper", 0.0),
-                ("exact", "reverse", "pseudo", "exact", 0.0), ("exact, tol 1e-5", "reverse", "pseudo", "exact", 1e-5),
-                ("exact", "reverse", "naive", "exact", 0.0), ("newest", "reverse", "pseudo", "newest", 0.0)]
-    base = None
-    for label, strategy, impl, grad, tol in variants:
-        slow = impl == "naive"
-        r = run(functools.partial(setup_step, strategy=strategy, position=None if strategy == "none" else "7&8",
-                                  reverse_impl=impl, reverse_grad=grad, reverse_tol=tol, random_heads=True, **common),
-                **(dict(repeat=2, warmup=0) if slow else {}))
-        base = base or r
-        how = "-" if strategy == "none" else "sequential inverse (naive)" if slow else "parallel"
-        passes = adjoint_passes(config, args.device, grad, tol) if strategy != "none" and not slow else "-"
-        print(f"| {label} | {how} | {r['seconds']:.3f} | {r['seconds'] / base['seconds']:.2f}x | "
-              f"{mib(r['peak_bytes'])} | {r['peak_bytes'] / max(base['peak_bytes'], 1):.2f}x | {passes} |")
-    print(f"\nspeedup: {headline:.1f}")
+    if 3 in tables:
+        print("\n| reverse_grad | implementation | step (s) | over baseline | peak (MiB) | peak over baseline | "
+              "adjoint passes per block |\n|---|---|---|---|---|---|---|")
+        variants = [("baseline", "none", "pseudo", "paper", 0.0), ("paper", "reverse", "pseudo", "paper", 0.0),
+                    ("exact", "reverse", "pseudo", "exact", 0.0),
+                    ("exact, tol 1e-5", "reverse", "pseudo", "exact", 1e-5),
+                    ("exact", "reverse", "naive", "exact", 0.0), ("newest", "reverse", "pseudo", "newest", 0.0)]
+        base = None
+        for label, strategy, impl, grad, tol in variants:
+            slow = impl == "naive"
+            r = run(functools.partial(setup_step, strategy=strategy, position=None if strategy == "none" else "7&8",
+                                      reverse_impl=impl, reverse_grad=grad, reverse_tol=tol, random_heads=True,
+                                      **common),
+                    **(dict(repeat=2, warmup=0) if slow else {}))
+            base = base or r
+            how = "-" if strategy == "none" else "sequential inverse (naive)" if slow else "parallel"
+            passes = adjoint_passes(config, args.device, grad, tol) if strategy != "none" and not slow else "-"
+            print(f"| {label} | {how} | {r['seconds']:.3f} | {r['seconds'] / base['seconds']:.2f}x | "
+                  f"{mib(r['peak_bytes'])} | {r['peak_bytes'] / max(base['peak_bytes'], 1):.2f}x | {passes} |")
+    if headline is not None:
+        print(f"\nspeedup: {headline:.1f}")
     return headline
 
 
