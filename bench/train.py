@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from measure import bench_parser, measure, mib  # noqa: E402
 
-from flowback.alignment import AlignSpec  # noqa: E402
+from flowback.alignment.strategies import AlignSpec# noqa: E402
 from flowback.models.guidance import Guidance# noqa: E402
 from flowback.models.sampling import sample# noqa: E402
 from flowback.models.tarflow import FlowConfig, TARFlow# noqa: E402

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .alignment import AlignSpec, EncoderConfig
+from .alignment.encoder import EncoderConfig
+from .alignment.strategies import AlignSpec
 from .models.tarflow import FlowConfig
 from .params import EncoderParams, Experiment, Params
 

@@ -35,7 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .alignment import AlignSpec, FrozenEncoder, Projector, alignment_features, alignment_loss, match_grid
+from .alignment.encoder import FrozenEncoder
+from .alignment.loss import Projector, alignment_loss, match_grid
+from .alignment.strategies import AlignSpec, alignment_features
 from .builders import align_spec, flow_config
 from .data.batches import Batch, Batches
 from .data.images import to_model

@@ -146,7 +146,7 @@ class EncoderWeights:
 
     @staticmethod
     def load_and_run(net: Network) -> str:
-        from .alignment import load_encoder
+        from .alignment.encoder import load_encoder
 
         enc = load_encoder(net.directory, allow_hub=False)
         s = enc.cfg.input_size

@@ -4,9 +4,10 @@ import pytest
 import timm
 import torch
 
-from flowback.alignment import (AlignSpec, EncoderConfig, FrozenEncoder, Projector, alignment_features,
-                                alignment_loss, load_encoder, match_grid, naive_reverse_features,
-                                pseudo_reverse_features, save_encoder)
+from flowback.alignment.encoder import EncoderConfig, FrozenEncoder, load_encoder, save_encoder
+from flowback.alignment.loss import Projector, alignment_loss, match_grid
+from flowback.alignment.reverse import naive_reverse_features, pseudo_reverse_features
+from flowback.alignment.strategies import AlignSpec, alignment_features
 from flowback.models.tarflow import FlowConfig, TARFlow
 
 BLOCKS, LAYERS = 4, 3

@@ -46,6 +46,13 @@ def test_every_reverse_bench_case_takes_a_step(strategy, position, impl):
     step()
 
 
+@pytest.mark.parametrize("grad, impl", [("exact", "pseudo"), ("newest", "pseudo"), ("exact", "naive")])
+def test_every_reverse_grad_bench_case_takes_a_step(grad, impl):
+    reverse.setup_step("quick", "cpu", "reverse", "8 layer 1", reverse_impl=impl, reverse_grad=grad,
+                       random_heads=True)()
+    assert reverse.adjoint_passes("quick", "cpu", grad, 1e-2).endswith(")")
+
+
 def test_sampling_bench_case_samples():
     small = dict(sampling.CONFIGS["quick"], flow=dict(sampling.CONFIGS["quick"]["flow"], image_size=4))
     sampling.CONFIGS["tiny"] = small

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import flow_images, random_flow
 
-from flowback.alignment import AlignSpec, alignment_features, naive_reverse_features
+from flowback.alignment.reverse import naive_reverse_features
+from flowback.alignment.strategies import AlignSpec, alignment_features
 from flowback.alignment.strategies import detach_features
 from flowback.metrics.classifier import classify
 from flowback.models.guidance import Guidance

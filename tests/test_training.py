@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from flowback.alignment import EncoderConfig, FrozenEncoder
+from flowback.alignment.encoder import EncoderConfig, FrozenEncoder
 from flowback.builders import align_spec
 from flowback.checkpoints import load_flow, save_flow
 from flowback.data.batches import MemoryBatches, batch_indices

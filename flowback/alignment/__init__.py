@@ -1,8 +1,7 @@
-"""Representation alignment (REPA) for flows: frozen encoders, projector and loss, and the gradient strategies."""
+"""Representation alignment (REPA) for flows: frozen encoders (encoder.py, pretrain.py), the projector, losses and
+target grids (loss.py), the position grammar (positions.py), the gradient strategies (strategies.py) and the reverse
+path's three gradient graphs (reverse.py).
 
-from .encoder import EncoderConfig, FrozenEncoder, load_encoder, save_encoder
-from .loss import Projector, alignment_loss, match_grid
-from .strategies import AlignSpec, alignment_features, naive_reverse_features, pseudo_reverse_features
-
-__all__ = ["AlignSpec", "EncoderConfig", "FrozenEncoder", "Projector", "alignment_features", "alignment_loss",
-           "load_encoder", "match_grid", "naive_reverse_features", "pseudo_reverse_features", "save_encoder"]
+Import from the submodules: this package imports nothing itself, so a stage that needs only the encoder does not
+depend on (and is not rerun for a change to) the alignment losses or the flow.
+"""

@@ -10,13 +10,10 @@ layer l of block t's transformer, which reads x^{t-1}.
   that path reconstructs. Gradients reach blocks t+1..N (through the reconstruction) and block t (its affine
   parameters and its layers 1..l); never blocks 1..t-1, and never the density pass.
 
-On the generative path each token's affine parameters are computed from the already generated tokens, which the
-paper treats as a cached, stop-gradient context. The pseudo-reverse exploits that the forward pass has already
-computed those tokens (by invertibility they equal the block inputs): one parallel, teacher-forced pass over the
-cached stop_grad(x^{t-1}) gives every token's (a, b) at once, and u = v * exp(a) + b rebuilds the reverse graph
-with no sequential loop. `naive_reverse_features` runs the real token-by-token inverse (KV-cached) from z and is
-the reference the pseudo-reverse is tested against; with `detach_context=False` it instead keeps the gradient
-through the context too (the exact derivative of the inverse map), which is not what the paper trains.
+On the generative path each token's affine parameters are computed from the already generated tokens. Which
+dependences the reverse gradient keeps is `reverse_grad` (paper | exact | newest, see `reverse.py` and
+docs/reverse-gradient.md); `reverse_impl: naive` runs the real token-by-token inverse instead of the parallel
+computation (the tests' reference, and the benchmark's baseline).
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.tarflow import FlowOutput, TARFlow
+from .reverse import PARALLEL, REVERSE_GRADS, _read, naive_reverse_features
 
 STRATEGIES = ("forward", "detach", "reverse")
 
@@ -34,7 +32,9 @@ STRATEGIES = ("forward", "detach", "reverse")
 class AlignSpec:
     strategy: str
     positions: tuple[tuple[int, int], ...]  # (block, layer), 1-indexed, forward numbering
-    reverse_impl: str = "pseudo"  # pseudo | naive (reference, sequential)
+    reverse_impl: str = "pseudo"  # pseudo (parallel) | naive (reference: the real sequential inverse)
+    reverse_grad: str = "paper"  # paper | exact | newest: which dependences the reverse gradient keeps
+    reverse_tol: float = 0.0  # exact/newest: adjoint sweeps stop at this relative change (0: when it stops changing)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -43,6 +43,10 @@ class AlignSpec:
             raise ValueError("alignment needs at least one (block, layer) position")
         if self.reverse_impl not in ("pseudo", "naive"):
             raise ValueError(f"reverse_impl must be 'pseudo' or 'naive', got {self.reverse_impl!r}")
+        if self.reverse_grad not in REVERSE_GRADS:
+            raise ValueError(f"reverse_grad must be one of {REVERSE_GRADS}, got {self.reverse_grad!r}")
+        if not self.reverse_tol >= 0:
+            raise ValueError(f"reverse_tol must be >= 0, got {self.reverse_tol!r}")
         object.__setattr__(self, "positions", tuple(sorted({(int(b), int(l)) for b, l in self.positions})))
 
     def layers_at(self, block: int) -> frozenset[int]:
@@ -78,13 +82,7 @@ def alignment_features(
         return detach_features(model, out, conds, spec)
     if spec.reverse_impl == "naive":
         return naive_reverse_features(model, out, conds, spec)
-    return pseudo_reverse_features(model, out, conds, spec)
-
-
-def _read(blk, u_block_order: torch.Tensor, cond, layers: frozenset[int]) -> dict[int, torch.Tensor]:
-    """Hidden states after `layers` of a block on block-order input, only running as deep as needed."""
-    _, hidden = blk.transformer(u_block_order, cond, keep=layers, stop=max(layers))
-    return hidden
+    return PARALLEL[spec.reverse_grad](model, out, conds, spec)
 
 
 def detach_features(model, out, conds, spec):
@@ -93,44 +91,4 @@ def detach_features(model, out, conds, spec):
         blk = model.blocks[b - 1]
         u = blk.permute(out.block_inputs[b - 1].detach())
         feats.update({(b, l): h for l, h in _read(blk, u, conds[b - 1], spec.layers_at(b)).items()})
-    return feats
-
-
-def pseudo_reverse_features(model, out, conds, spec):
-    """Parallel reverse: (a, b) from one pass over each block's cached, detached input; u = v * exp(a) + b."""
-    feats = {}
-    lowest = min(b for b, _ in spec.positions)
-    v = out.z.detach()
-    for b in range(len(model.blocks), lowest - 1, -1):
-        blk = model.blocks[b - 1]
-        context = blk.permute(out.block_inputs[b - 1].detach())
-        a, shift, _ = blk.shifted_affine(context, conds[b - 1])
-        u = blk.permute(v) * torch.exp(a.float()).to(v.dtype) + shift  # equals `context` in value
-        layers = spec.layers_at(b)
-        if layers:
-            feats.update({(b, l): h for l, h in _read(blk, u, conds[b - 1], layers).items()})
-        v = blk.permute(u)
-    return feats
-
-
-def naive_reverse_features(model, out, conds, spec, detach_context: bool = True):
-    """Reference: the real autoregressive inverse from z, one token at a time with a (differentiable) KV cache."""
-    feats = {}
-    lowest = min(b for b, _ in spec.positions)
-    v = out.z.detach()
-    for b in range(len(model.blocks), lowest - 1, -1):
-        blk = model.blocks[b - 1]
-        vb = blk.permute(v)
-        T = vb.shape[1]
-        caches = blk.new_caches(T, differentiable=True)
-        tokens = [vb[:, :1]]
-        for i in range(T - 1):
-            ctx = tokens[i].detach() if detach_context else tokens[i]
-            a, shift = blk.step(ctx, i, conds[b - 1], caches)
-            tokens.append(vb[:, i + 1 : i + 2] * torch.exp(a.float()).to(vb.dtype) + shift)
-        u = torch.cat(tokens, dim=1)
-        layers = spec.layers_at(b)
-        if layers:
-            feats.update({(b, l): h for l, h in _read(blk, u, conds[b - 1], layers).items()})
-        v = blk.permute(u)
     return feats

@@ -33,7 +33,7 @@ def run(p: Params, progress: bool = True) -> str:
 
     import torch
 
-    from ..alignment import load_encoder, save_encoder
+    from ..alignment.encoder import load_encoder, save_encoder
     from ..alignment.pretrain import probe_accuracy, train_encoder
     from ..builders import encoder_config
     from ..data.manifest import load_split

@@ -64,7 +64,7 @@ def run(e: Experiment, progress: bool = True) -> str:
     batches, fixed_images = _batches(e, rank, world, dev)
     encoder = None
     if e.strategy != "none":
-        from ..alignment import load_encoder
+        from ..alignment.encoder import load_encoder
         from ..builders import encoder_config
 
         encoder = load_encoder(p.encoder.dir, fallback=encoder_config(p.encoder))
