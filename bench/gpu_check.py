@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flowback.builders import align_spec, flow_config  # noqa: E402
+from flowback.builders import flow_config  # noqa: E402
+from flowback.training import align_spec  # noqa: E402
 from flowback.params import load_params  # noqa: E402
 from flowback.plan.classifier import classifier_pass, plan_classifier  # noqa: E402
 from flowback.plan.measure import GIB, H100_BF16_TFLOPS  # noqa: E402

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .alignment.encoder import EncoderConfig
-from .alignment.strategies import AlignSpec
 from .models.tarflow import FlowConfig
-from .params import EncoderParams, Experiment, Params
+from .params import Params
 
 if TYPE_CHECKING:
     from .models.af import AFConfig
@@ -39,17 +37,6 @@ def flow_config(params: Params) -> FlowConfig:
         soft_clip=m.soft_clip,
         cond_token=m.cond_token,
     )
-
-
-def align_spec(exp: Experiment) -> AlignSpec | None:
-    if exp.strategy == "none":
-        return None
-    return AlignSpec(exp.strategy, tuple(exp.positions))
-
-
-def encoder_config(e: EncoderParams) -> EncoderConfig:
-    return EncoderConfig(arch=e.arch, kwargs=dict(e.kwargs), input_size=e.input_size, mean=tuple(e.mean),
-                         std=tuple(e.std))
 
 
 def af_config(params: Params) -> "AFConfig":

@@ -22,6 +22,7 @@ from typing import Annotated, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from .alignment.positions import PositionError, parse_position
 from .errors import FlowBackError
 
 
@@ -270,8 +271,31 @@ class TrainParams(Strict):
 
 
 class AlignParams(Strict):
+    """The alignment term and every choice the paper leaves open (docs/reverse-gradient.md, docs/alignment.md)."""
+
     weight: float = Field(0.5, ge=0, description="lambda in NLL + lambda * alignment")
     projector_dim: int = Field(256, ge=8)
+    reverse_grad: Literal["paper", "exact", "newest"] = Field(
+        "paper", description="which dependences the reverse strategy's gradient keeps: paper = the pseudo-reverse "
+                             "(forward context, one parallel pass); exact = the true inverse's gradient (implicit "
+                             "adjoint); newest = through each token's own inverse step only")
+    reverse_tol: float = Field(0.0, ge=0.0, description="exact/newest: adjoint sweeps stop at this relative change "
+                                                        "(0: when it stops changing)")
+    layer_base: Literal[0, 1] = Field(1, description="'layer N' in a position counts layers from 1 (after the Nth "
+                                                     "layer) or from 0")
+    default_layer: Literal["last"] | int = Field(
+        "last", description="the layer a position without one means: the block's last, or a number in layer_base")
+    target_grid: Literal["upsample", "pool", "dino448"] = Field(
+        "upsample", description="how encoder patches meet flow tokens: upsample the encoder grid, pool the flow "
+                                "tokens onto it, or run the encoder at flow grid x its patch (DINOv2 at 448 px)")
+    position_reduce: Literal["mean", "sum"] = Field("mean", description="the alignment term over several positions")
+
+    @field_validator("default_layer", mode="before")
+    @classmethod
+    def _layer_number(cls, v):
+        if v != "last" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError("must be 'last' or a layer number >= 0")
+        return v
 
 
 # --------------------------------------------------------------------------------------------------------- sample
@@ -410,35 +434,6 @@ class AFParams(Strict):
 
 # ---------------------------------------------------------------------------------------------------- experiments
 STRATEGIES = ("none", "forward", "detach", "reverse")
-_POSITION = re.compile(r"^\s*(?P<blocks>all|\d+(?:\s*&\s*\d+)*)\s*(?:layer\s*(?P<layer>\d+))?\s*$", re.IGNORECASE)
-
-
-def parse_position(position: str, layers_per_block: list[int]) -> list[tuple[int, int]]:
-    """Paper position string -> [(block, layer)], both 1-indexed; no layer given means each block's last layer.
-
-    "all" | "1&2" | "7&8" | "7&8 layer 6". Raises ValueError naming what is out of range.
-    """
-    m = _POSITION.match(position)
-    if not m:
-        raise ValueError(f"cannot parse position {position!r}; expected 'all', '7&8' or '7&8 layer 6'")
-    n_blocks = len(layers_per_block)
-    if m["blocks"].lower() == "all":
-        blocks = list(range(1, n_blocks + 1))
-    else:
-        blocks = [int(b) for b in m["blocks"].split("&")]
-    if len(set(blocks)) != len(blocks):
-        raise ValueError(f"position {position!r} repeats a block")
-    for b in blocks:
-        if not 1 <= b <= n_blocks:
-            raise ValueError(f"position {position!r}: block {b} is out of range, the model has blocks 1..{n_blocks}")
-    out = []
-    for b in blocks:
-        depth = layers_per_block[b - 1]
-        layer = int(m["layer"]) if m["layer"] else depth
-        if not 1 <= layer <= depth:
-            raise ValueError(f"position {position!r}: layer {layer} is out of range, block {b} has layers 1..{depth}")
-        out.append((b, layer))
-    return out
 
 
 TARFLOW_ONLY = ("model", "align", "encoder")  # sections an `af` experiment may not override
@@ -622,8 +617,10 @@ def _experiment(params: Params, name: str, seed: int) -> Experiment:
     positions: list[tuple[int, int]] = []
     if exp.position is not None:
         try:
-            positions = parse_position(exp.position, merged_params.model.layers_per_block())
-        except ValueError as e:
+            a = merged_params.align
+            positions = parse_position(exp.position, merged_params.model.layers_per_block(), a.default_layer,
+                                       a.layer_base)
+        except PositionError as e:
             raise ParamsError(f"experiments.{name}.position: {e}") from None
     return Experiment(name=name, seed=seed, params=merged_params, family=exp.family, strategy=exp.strategy,
                       position=exp.position, positions=positions, paper=exp.paper)

@@ -8,10 +8,11 @@ filled in or estimated.
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pandas as pd
+
+from .alignment.positions import position_label
 
 MISSING = "—"
 STRATEGY_NAMES = {"none": "TARFlow baseline", "forward": "Forward", "detach": "Detach", "reverse": "Reverse"}
@@ -19,17 +20,6 @@ STRATEGY_NAMES = {"none": "TARFlow baseline", "forward": "Forward", "detach": "D
 ABLATION_COLUMNS = [("fid", "FID", 2), ("sfid", "sFID", 2), ("is", "IS", 2), ("cond_acc", "Cond. acc. (%)", 1),
                     ("acc", "Acc. (%)", 2), ("images_per_second", "Sampling img/s", 0)]
 TIMING_KEYS = {"images_per_second"}  # read from the runs' sample_timing.json, not from metrics.json
-
-
-def position_label(position: str | None) -> str:
-    """'all' -> 'All blocks', '7&8' -> 'Block 7&8', '7&8 layer 6' -> 'Block 7&8, L6' (the paper's wording)."""
-    if position is None:
-        return "-"
-    m = re.match(r"^\s*(all|[\d&\s]+?)\s*(?:layer\s*(\d+))?\s*$", position, re.IGNORECASE)
-    if not m:
-        return position
-    blocks = "All blocks" if m[1].lower() == "all" else "Block " + m[1].replace(" ", "")
-    return blocks + (f", L{m[2]}" if m[2] else "")
 
 
 def _spread(values: list[float]) -> tuple[float, float, int]:
@@ -42,7 +32,7 @@ def _spread(values: list[float]) -> tuple[float, float, int]:
 
 def ablation_frame(rows: list[dict]) -> pd.DataFrame:
     """rows: {experiment, strategy, position, runs: [metrics dict or None per seed], [timings: [sample timing dicts]],
-    [label]} -> the ablation table (`label` names a row of another model family, e.g. the adversarial flow).
+    [label], [layer_base]} -> the ablation table (`label` names a row of another model family, e.g. the adversarial flow).
 
     Numbers per metric: `<col>` (mean over the evaluated seeds, NaN = missing), `<col> std` and `Seeds` (evaluated
     / planned)."""
@@ -52,7 +42,7 @@ def ablation_frame(rows: list[dict]) -> pd.DataFrame:
         done = [m for m in runs if m]
         timings = [t for t in r.get("timings") or [] if t]
         rec = {"Experiment": r["experiment"], "Strategy": r.get("label") or STRATEGY_NAMES[r["strategy"]],
-               "Alignment position": position_label(r["position"]), "Seeds": f"{len(done)}/{len(runs)}"}
+               "Alignment position": position_label(r["position"], r.get("layer_base", 1)), "Seeds": f"{len(done)}/{len(runs)}"}
         for key, col, _ in ABLATION_COLUMNS:
             mean, std, _ = _spread([m.get(key) for m in (timings if key in TIMING_KEYS else done)])
             rec[col], rec[f"{col} std"] = mean, std

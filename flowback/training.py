@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from .alignment.encoder import FrozenEncoder
-from .alignment.loss import Projector, alignment_loss, match_grid
+from .alignment.loss import Projector, combine_positions, encoder_input_size, position_loss, target_tokens
 from .alignment.strategies import AlignSpec, alignment_features
-from .builders import align_spec, flow_config
+from .builders import flow_config
 from .data.batches import Batch, Batches
 from .data.images import to_model
 from .distributed import barrier, broadcast_int
@@ -57,6 +57,14 @@ class TrainingError(FlowBackError):
 
 
 # ------------------------------------------------------------------------------------------------------ objective
+def align_spec(exp: Experiment) -> AlignSpec | None:
+    """The experiment's alignment: strategy, positions and the reverse gradient's variant (None: no alignment)."""
+    if exp.strategy == "none":
+        return None
+    a = exp.params.align
+    return AlignSpec(exp.strategy, tuple(exp.positions), reverse_grad=a.reverse_grad, reverse_tol=a.reverse_tol)
+
+
 def make_projectors(spec: AlignSpec | None, width: int, hidden: int, enc_dim: int) -> nn.ModuleDict:
     if spec is None:
         return nn.ModuleDict()
@@ -64,17 +72,18 @@ def make_projectors(spec: AlignSpec | None, width: int, hidden: int, enc_dim: in
 
 
 def objective(model: TARFlow, projectors: nn.ModuleDict, spec: AlignSpec | None, x: torch.Tensor, y: torch.Tensor,
-              targets: torch.Tensor | None, weight: float,
-              latent_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's loss = NLL (nats/dim) + weight * mean alignment loss over positions (+ latent_weight * STARFlow's
-    latent-norm term); returns (loss, nll, align)."""
+              targets: torch.Tensor | None, weight: float, latent_weight: float = 0.0,
+              reduce: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's loss = NLL (nats/dim) + weight * the alignment loss over positions (their mean or sum, `reduce`)
+    (+ latent_weight * STARFlow's latent-norm term); returns (loss, nll, align)."""
     out = model(x, y, keep=spec.forward_keep if spec else None, keep_inputs=bool(spec and spec.needs_block_inputs))
     nll = model.nll_per_dim(out)
     base = nll + latent_weight * latent_norm_penalty(out) if latent_weight else nll
     if spec is None:
         return base, nll, torch.zeros((), device=x.device)
     feats = alignment_features(model, out, model.conditions(y, None, len(x)), spec)
-    align = torch.stack([alignment_loss(projectors[AlignSpec.key(k)](h), targets) for k, h in feats.items()]).mean()
+    align = combine_positions([position_loss(projectors[AlignSpec.key(k)], h, targets) for k, h in feats.items()],
+                              reduce)
     return base + weight * align, nll, align
 
 
@@ -83,13 +92,14 @@ class Objective(nn.Module):
     alignment strategies call into the flow's blocks again after its forward pass)."""
 
     def __init__(self, model: TARFlow, projectors: nn.ModuleDict, spec: AlignSpec | None, weight: float,
-                 latent_weight: float = 0.0):
+                 latent_weight: float = 0.0, reduce: str = "mean"):
         super().__init__()
         self.model, self.projectors, self.spec, self.weight = model, projectors, spec, weight
-        self.latent_weight = latent_weight
+        self.latent_weight, self.reduce = latent_weight, reduce
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None):
-        return objective(self.model, self.projectors, self.spec, x, y, targets, self.weight, self.latent_weight)
+        return objective(self.model, self.projectors, self.spec, x, y, targets, self.weight, self.latent_weight,
+                         self.reduce)
 
 
 # ----------------------------------------------------------------------------------------------------------- plan
@@ -235,9 +245,11 @@ def _set_aside(path: Path, suffix: str, why: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- step inputs
 @torch.no_grad()
-def encode_targets(encoder: FrozenEncoder, images_u8: torch.Tensor, grid: int, batch: int = 256) -> torch.Tensor:
-    """Encoder patch features of clean images, resized to the flow's token grid: (N, grid*grid, E)."""
-    out = [match_grid(encoder(to_model(images_u8[i : i + batch])), grid).float()
+def encode_targets(encoder: FrozenEncoder, images_u8: torch.Tensor, grid: int, rule: str = "upsample",
+                   batch: int = 256) -> torch.Tensor:
+    """Encoder patch features of clean images as alignment targets (N, n, E): on the flow's token grid (upsample,
+    dino448) or on the encoder's own coarser grid (pool), see alignment/loss.py."""
+    out = [target_tokens(encoder(to_model(images_u8[i : i + batch])), grid, rule).float()
            for i in range(0, len(images_u8), batch)]
     return torch.cat(out)
 
@@ -247,18 +259,19 @@ class AlignTargets:
     computed per step under the training autocast for streamed data."""
 
     def __init__(self, encoder: FrozenEncoder, grid: int, device: torch.device, autocast: dict,
-                 fixed_images: torch.Tensor | None = None):
-        self.encoder, self.grid, self.autocast = encoder.to(device), grid, autocast
+                 fixed_images: torch.Tensor | None = None, rule: str = "upsample"):
+        size = encoder_input_size(rule, grid, encoder.patch_size, encoder.cfg.input_size)
+        self.encoder, self.grid, self.rule, self.autocast = encoder.resize_input(size).to(device), grid, rule, autocast
         self.cache = None
         if fixed_images is not None:
             with torch.autocast(**autocast):
-                self.cache = encode_targets(self.encoder, fixed_images.to(device), grid)
+                self.cache = encode_targets(self.encoder, fixed_images.to(device), grid, rule)
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         if self.cache is not None:
             return self.cache[batch.index]
         with torch.autocast(**self.autocast):
-            return encode_targets(self.encoder, batch.pixels, self.grid)
+            return encode_targets(self.encoder, batch.pixels, self.grid, self.rule)
 
 
 def step_inputs(batch: Batch, step: int, exp: Experiment, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,10 +358,12 @@ def train(
     if plan.checkpointing:
         checkpoint_layers(state.model)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tp.dtype == "bfloat16")
-    targets = AlignTargets(encoder, state.model.cfg.grid, device, autocast, fixed_images) if spec else None
+    targets = (AlignTargets(encoder, state.model.cfg.grid, device, autocast, fixed_images, p.align.target_grid)
+               if spec else None)
 
     objective_fn: nn.Module = Objective(state.model, state.projectors, spec, p.align.weight if spec else 0.0,
-                                        tp.latent_norm_weight)
+                                        tp.latent_norm_weight,
+                                        p.align.position_reduce if spec else "mean")
     ddp = None
     if world > 1:
         ddp = objective_fn = nn.parallel.DistributedDataParallel(

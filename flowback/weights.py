@@ -80,7 +80,7 @@ def required_networks(params: Params, sources: dict[str, str] | None = None) -> 
     tests): encoder -> a safetensors/pth state dict of the `encoder.hub` architecture, vae -> a diffusers directory,
     inception -> a file path or URL.
     """
-    from .builders import encoder_config
+    from .alignment.encoder import EncoderConfig
     from .metrics.inception import INCEPTION_FILE, inception_url
 
     sources = dict(sources or {})
@@ -106,7 +106,7 @@ def required_networks(params: Params, sources: dict[str, str] | None = None) -> 
                 raise WeightsError(f"{why}: encoder.hub ({p.encoder.hub}) and encoder.train are both set; the "
                                    f"encoder stage would overwrite the fetched weights in {p.encoder.dir}; set "
                                    f"encoder.train: null to use the hub encoder")
-            cfg = replace(encoder_config(p.encoder), arch=p.encoder.hub)
+            cfg = replace(EncoderConfig.of(p.encoder), arch=p.encoder.hub)
             cfg_json = _jsonable(asdict(cfg))
             add(Network("encoder", Path(p.encoder.dir), cfg_json, sources.get("encoder", p.encoder.hub),
                         {"config": cfg}), why)

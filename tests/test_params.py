@@ -4,7 +4,7 @@ import pytest
 import yaml
 from conftest import ROOT, command, default_raw
 
-from flowback.params import (ParamsError, UndeclaredParamError, load_params, parse_position, restrict, validate,
+from flowback.params import (ParamsError, UndeclaredParamError, load_params, restrict, validate,
                              validate_all)
 
 
@@ -41,17 +41,6 @@ def test_alignment_block_beyond_the_model_is_rejected_with_its_row():
     with pytest.raises(ParamsError) as err:
         check(raw)
     assert "experiments.reverse_78.position" in str(err.value) and "9" in str(err.value)
-
-
-def test_layer_beyond_the_block_is_rejected():
-    with pytest.raises(ValueError, match="layer 9"):
-        parse_position("7&8 layer 9", [8] * 8)
-
-
-def test_positions_follow_the_paper_numbering():
-    assert parse_position("all", [2, 3]) == [(1, 2), (2, 3)]
-    assert parse_position("1&2", [8] * 8) == [(1, 8), (2, 8)]
-    assert parse_position("7&8 layer 6", [8] * 8) == [(7, 6), (8, 6)]
 
 
 def test_position_without_strategy_and_strategy_without_position_are_rejected():

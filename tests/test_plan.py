@@ -31,7 +31,7 @@ def test_the_plan_agrees_with_torchs_memory_tracker():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from flowback.builders import align_spec
+    from flowback.training import align_spec
     from flowback.training import Objective, TrainState
 
     for strategy, position in (("none", None), ("reverse", "3&4")):

@@ -69,10 +69,3 @@ def test_labels_follow_the_paper():
     assert position_label("7 & 8 layer 6") == "Block 7&8, L6"
     assert position_label("7&8 layer 5", base=0) == "Block 7&8, L5 (from 0)"
     assert position_label("not a position") == "not a position"
-
-
-@pytest.mark.parametrize("text", ["all", "1&2", "7&8", "7&8 layer 6", "3 layer 1", "2&4&6 layer 8"])
-def test_agrees_with_the_params_parser_it_replaces(text):
-    from flowback.params import parse_position as legacy
-
-    assert parse_position(text, EIGHT) == legacy(text, EIGHT)

@@ -3,14 +3,7 @@
 import pandas as pd
 import pytest
 
-from flowback.tables import MISSING, ablation_frame, position_label, to_markdown
-
-
-def test_position_labels_follow_the_paper():
-    assert position_label(None) == "-"
-    assert position_label("all") == "All blocks"
-    assert position_label("7&8") == "Block 7&8"
-    assert position_label("7&8 layer 6") == "Block 7&8, L6"
+from flowback.tables import MISSING, ablation_frame, to_markdown
 
 
 def test_table_marks_missing_cells_and_never_fills_them():

@@ -6,7 +6,7 @@ import timm
 import torch
 
 from flowback.alignment.encoder import EncoderConfig, FrozenEncoder
-from flowback.builders import align_spec
+from flowback.training import align_spec
 from flowback.checkpoints import load_flow, save_flow
 from flowback.data.batches import MemoryBatches, batch_indices
 from flowback.io import FlowBackFileError

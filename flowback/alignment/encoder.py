@@ -10,15 +10,18 @@ names the directory.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..io import FlowBackFileError, atomic_path, save_json
+
+if TYPE_CHECKING:
+    from ..params import EncoderParams
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -33,6 +36,11 @@ class EncoderConfig:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     interpolation: str = "bicubic"
 
+    @classmethod
+    def of(cls, e: "EncoderParams") -> "EncoderConfig":
+        """From the params' encoder: section (what the encoder stage trains, or the hub weights describe)."""
+        return cls(arch=e.arch, kwargs=dict(e.kwargs), input_size=e.input_size, mean=tuple(e.mean), std=tuple(e.std))
+
 
 class FrozenEncoder(nn.Module):
     """Images in [-1, 1] (B, C, H, W) -> patch features (B, gh, gw, E); no gradients, eval mode."""
@@ -43,9 +51,21 @@ class FrozenEncoder(nn.Module):
         self.cfg = cfg
         self.in_chans = int(getattr(net.patch_embed.proj, "in_channels", len(cfg.mean)))
         self.dim = int(net.num_features)
+        patch = getattr(net.patch_embed, "patch_size", (1, 1))
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
 
     def train(self, mode: bool = True) -> "FrozenEncoder":
         return super().train(False)  # stays frozen: no dropout, no norm-statistics updates
+
+    def resize_input(self, size: int) -> "FrozenEncoder":
+        """Read images at `size` px (target_grid dino448: DINOv2 at 448 px has the 32 x 32 grid of a 256 px flow);
+        timm interpolates the position embeddings."""
+        if size != self.cfg.input_size:
+            if not hasattr(self.net, "set_input_size"):
+                raise ValueError(f"encoder {self.cfg.arch} cannot change its input size to {size}")
+            self.net.set_input_size(img_size=size)
+            self.cfg = replace(self.cfg, input_size=size)
+        return self
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return preprocess(x, self.cfg, self.in_chans)

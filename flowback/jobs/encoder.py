@@ -33,15 +33,14 @@ def run(p: Params, progress: bool = True) -> str:
 
     import torch
 
-    from ..alignment.encoder import load_encoder, save_encoder
+    from ..alignment.encoder import EncoderConfig, load_encoder, save_encoder
     from ..alignment.pretrain import probe_accuracy, train_encoder
-    from ..builders import encoder_config
     from ..data.manifest import load_split
     from ..io import save_json
     from ..runtime import configure
 
     configure(p.runtime)
-    ep, cfg = p.encoder, encoder_config(p.encoder)
+    ep, cfg = p.encoder, EncoderConfig.of(p.encoder)
     if ep.train is None:  # fetched (`flowback weights fetch`): check it loads and runs, record what it is
         enc = load_encoder(ep.dir, allow_hub=False)
         x = torch.zeros(1, enc.in_chans, enc.cfg.input_size, enc.cfg.input_size)

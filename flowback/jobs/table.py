@@ -15,7 +15,7 @@ NOTE_KEYS = ["data.dataset", "data.image_size", "data.classes", "train.steps", "
 
 
 def reads(p: Params) -> list[str]:
-    return ["experiments", "results", *NOTE_KEYS]
+    return ["experiments", "results", "align.layer_base", *NOTE_KEYS]
 
 
 def inputs(p: Params) -> list[str]:
@@ -67,7 +67,8 @@ def run(p: Params, progress: bool = True) -> str:
         timings = [load_json(r / "sample_timing.json") if (r / "sample_timing.json").exists() else None for r in runs]
         label = f"Adversarial flow ({p.af.nfe} NFE)" if e.family == "af" else None
         rows.append({"experiment": name, "strategy": e.strategy, "position": e.position, "paper": e.paper,
-                     "runs": metrics, "timings": timings, "label": label})
+                     "runs": metrics, "timings": timings, "label": label,
+                     "layer_base": p.align.layer_base})
         logs[name] = [r / "train_log.csv" for r in runs if (r / "train_log.csv").exists() and e.family != "af"]
         first = runs[0] / "samples.npz"
         if first.exists():

@@ -64,10 +64,9 @@ def run(e: Experiment, progress: bool = True) -> str:
     batches, fixed_images = _batches(e, rank, world, dev)
     encoder = None
     if e.strategy != "none":
-        from ..alignment.encoder import load_encoder
-        from ..builders import encoder_config
+        from ..alignment.encoder import EncoderConfig, load_encoder
 
-        encoder = load_encoder(p.encoder.dir, fallback=encoder_config(p.encoder))
+        encoder = load_encoder(p.encoder.dir, fallback=EncoderConfig.of(p.encoder))
     plan = resolve_train_plan(e, world, dev)
     run_dir = e.run_dir
     state = run_dir / ".resume" / "state.pt"

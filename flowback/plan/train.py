@@ -21,7 +21,7 @@ def _encoder_dim(exp: Experiment) -> int:
 @_memo
 def train_step(exp: Experiment, micro: int, checkpointing: bool) -> Measure:
     """One micro-batch of the real training step (after a first step, so AdamW's state exists), per GPU."""
-    from ..builders import align_spec
+    from ..training import align_spec
     from ..training import Objective, TrainState, checkpoint_layers
 
     p = exp.params
@@ -31,7 +31,8 @@ def train_step(exp: Experiment, micro: int, checkpointing: bool) -> Measure:
         state = TrainState(exp, enc_dim, torch.device("cpu"))
         if checkpointing:
             checkpoint_layers(state.model)
-        obj = Objective(state.model, state.projectors, spec, p.align.weight if spec else 0.0, p.train.latent_norm_weight)
+        obj = Objective(state.model, state.projectors, spec, p.align.weight if spec else 0.0, p.train.latent_norm_weight,
+                        p.align.position_reduce if spec else "mean")
         cfg = state.model.cfg
         x = torch.randn(micro, cfg.channels, cfg.image_size, cfg.image_size)
         y = torch.randint(0, cfg.num_classes, (micro,))
