@@ -28,7 +28,7 @@ from flowback.metrics.generative import extract_features, load_feature_network  
 from flowback.metrics.reference import load_reference  # noqa: E402
 from flowback.models.af import AFConfig, sample_af  # noqa: E402
 from flowback.models.af_objective import AFTrainConfig  # noqa: E402
-from flowback.sampler import balanced_labels, image_grid  # noqa: E402
+from flowback.sampler import sample_labels, image_grid  # noqa: E402
 
 # the proposed digits profile: patch 4 -> 16 tokens of 16 values, as the TARFlow rows
 MODEL = dict(channels=1, image_size=16, patch_size=4, width=64, depth=4, head_dim=16, mlp_ratio=2, num_classes=10)
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     for row in state.log:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
 
-    y = torch.from_numpy(balanced_labels(10, args.per_class))
+    y = torch.from_numpy(sample_labels(10, args.per_class))
     t0 = time.perf_counter()
     x = sample_af(state.ema, y, torch.Generator().manual_seed(1))
     sample_seconds = time.perf_counter() - t0

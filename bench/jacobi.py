@@ -138,12 +138,12 @@ def fid_rows(solvers: dict[str, Solver], results: Path) -> list[dict]:
     from flowback.data.images import to_uint8
     from flowback.metrics.generative import extract_features, load_feature_network
     from flowback.metrics.reference import load_reference
-    from flowback.sampler import balanced_labels
+    from flowback.sampler import sample_labels
 
     model, _ = load_flow(results / "runs" / "baseline" / "model.pt")
     net = load_feature_network("digitnet", results / "encoders" / "metric")
     ref = load_reference(results / "encoders" / "metric" / "reference" / "digits-train.npz")
-    labels = torch.from_numpy(balanced_labels(10, 100))
+    labels = torch.from_numpy(sample_labels(10, 100))
     rows, base = [], None
     for name, solver in solvers.items():
         images, seconds, stats = [], 0.0, SampleStats()

@@ -159,7 +159,10 @@ class MetricParams(Strict):
         None, min_length=1, description="an ADM reference batch .npz (e.g. VIRTUAL_imagenet64_labeled.npz): FID/sFID "
                                         "use its mu/sigma/mu_s/sigma_s, precision/recall its arr_0 images; "
                                         "replaces reference_split")
-    isc_splits: int = Field(10, ge=1)
+    isc_splits: int = Field(10, ge=1, description="IS over this many equal splits of the samples (torch-fidelity)")
+    isc_split_size: int | None = Field(
+        None, ge=1, description="IS over splits of this many samples instead (ADM's evaluator: 5000); the sample "
+                                "count must be a multiple; replaces isc_splits for the runs' samples")
     prc_neighborhood: int = Field(3, ge=1)
     batch_size: int = Field(256, ge=1)
     classifier_split: Literal["train", "val"] = "val"
@@ -255,6 +258,8 @@ class TrainParams(Strict):
     latent_norm_weight: float = Field(0.0, ge=0.0, description="STARFlow's latent-norm regulariser on the "
                                                                "intermediate block outputs (1e-4 there); 0 = off")
     checkpoint_every: int = Field(100, ge=1)
+    milestones: list[int] = Field(default_factory=list, description="steps (< steps) at which the model is also "
+                                  "saved, to milestones/step_<N>.pt: what `milestone:` experiments sample and score")
     log_every: int = Field(10, ge=1)
     seed: Seed = 0
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16: autocast (GPU training)")
@@ -267,6 +272,12 @@ class TrainParams(Strict):
     def _micro_batch_divides(self) -> "TrainParams":
         if isinstance(self.micro_batch, int) and self.micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, 'auto' or null (got {self.micro_batch})")
+        bad = [m for m in self.milestones if not 1 <= m < self.steps]
+        if bad:
+            raise ValueError(f"milestones {bad} are not between 1 and steps - 1 ({self.steps - 1}); the last step's "
+                             f"model is model.pt")
+        if len(set(self.milestones)) != len(self.milestones):
+            raise ValueError(f"milestones {self.milestones} repeat a step")
         return self
 
 
@@ -331,7 +342,10 @@ class JacobiParams(Strict):
 
 
 class SampleParams(Strict):
-    per_class: int = Field(100, ge=1)
+    per_class: int = Field(100, ge=1, description="samples per run = per_class x classes")
+    labels: Literal["balanced", "random"] = Field(
+        "balanced", description="balanced: exactly per_class of each class; random: classes drawn uniformly (seeded "
+                                "by sample.seed), as ADM's and ml-tarflow's samplers do")
     batch_size: int = Field(500, ge=1, description="images per chunk file (the unit of resume and of torchrun sharding)")
     micro_batch: int | Literal["auto"] | None = Field(
         None, description="images per reverse pass and per denoising gradient inside a chunk; null = the whole chunk; "
@@ -439,6 +453,15 @@ STRATEGIES = ("none", "forward", "detach", "reverse")
 TARFLOW_ONLY = ("model", "align", "encoder")  # sections an `af` experiment may not override
 
 
+class MilestoneRef(Strict):
+    of: str = Field(description="the experiment whose training this reads: `step` is in its train.milestones, or is "
+                                "its last step (its model.pt: the same model sampled another way, e.g. guided)")
+    step: int = Field(ge=1)
+
+
+MILESTONE_OVERRIDABLE = ("sample", "metrics", "runtime")  # what a milestone experiment may change: not the training
+
+
 class ExperimentParams(Strict):
     family: Literal["tarflow", "af"] = Field("tarflow", description="af: an adversarial flow (the af: section)")
     strategy: Literal["none", "forward", "detach", "reverse"] = "none"
@@ -447,6 +470,9 @@ class ExperimentParams(Strict):
                                      description="training seeds, one run each (default: [train.seed])")
     overrides: dict[str, Any] = Field(default_factory=dict, description="deep-merged over the top-level params")
     paper: str | None = Field(None, description="the paper's row this reproduces, e.g. ablation/reverse_78")
+    milestone: MilestoneRef | None = Field(
+        None, description="no training of its own: sample and score experiment `of`'s model saved at `step` (e.g. "
+                          "the 400K rows read from the 1M runs); strategy, position, family and seeds are of's")
 
     @field_validator("paper")
     @classmethod
@@ -476,6 +502,20 @@ class ExperimentParams(Strict):
             bad = [k for k in self.overrides if k in TARFLOW_ONLY]
             if bad:
                 raise ValueError(f"overrides.{bad[0]}: a TARFlow setting; family af is configured by the af: section")
+        return self
+
+    @model_validator(mode="after")
+    def _milestone_inherits(self) -> "ExperimentParams":
+        if self.milestone is not None:
+            own = [k for k in ("family", "strategy", "position", "seeds")
+                   if getattr(self, k) != type(self).model_fields[k].default]
+            if own:
+                raise ValueError(f"{own[0]}: a milestone experiment takes its {', '.join(own)} from experiments."
+                                 f"{self.milestone.of}")
+            bad = [k for k in self.overrides if k not in MILESTONE_OVERRIDABLE]
+            if bad:
+                raise ValueError(f"overrides.{bad[0]}: a milestone experiment reads a trained model; it may override "
+                                 f"only {', '.join(MILESTONE_OVERRIDABLE)}")
         return self
 
     @model_validator(mode="after")
@@ -510,6 +550,11 @@ class Params(Strict):
         for name in v:
             if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", name):
                 raise ValueError(f"experiment name {name!r}: use lower-case letters, digits, '_' and '-'")
+        for name, e in v.items():
+            if e.milestone is not None:
+                source = v.get(e.milestone.of)
+                if source is None or source.milestone is not None:
+                    raise ValueError(f"{name}.milestone.of: {e.milestone.of!r} is not an experiment that trains")
         return v
 
     @model_validator(mode="after")
@@ -522,14 +567,26 @@ class Params(Strict):
         size = self.data.image_size
         if self.model.latent is None and size % self.model.patch_size:
             raise ValueError(f"data.image_size {size} is not a multiple of model.patch_size {self.model.patch_size}")
+        n, split = self.sample.per_class * self.data.num_classes, self.metrics.isc_split_size
+        if split is not None and n % split:
+            raise ValueError(f"metrics.isc_split_size {split} does not divide the {n} samples per run "
+                             f"(sample.per_class x classes)")
         return self
 
     @property
     def results_dir(self) -> Path:
         return Path(self.results)
 
+    def trained_as(self, name: str) -> ExperimentParams:
+        """The registry entry that says how `name`'s model was trained: its own, or its milestone source's."""
+        e = self.experiments[name]
+        return self.experiments[e.milestone.of] if e.milestone is not None else e
+
     def seeds(self, name: str) -> list[int]:
-        return list(self.experiments[name].seeds or [self.train.seed])
+        e = self.experiments[name]
+        if e.milestone is not None:
+            return self.seeds(e.milestone.of)
+        return list(e.seeds or [self.train.seed])
 
     def runs(self) -> list[str]:
         """Every run of the grid: one per experiment and training seed, named `<experiment>-s<seed>`."""
@@ -582,6 +639,7 @@ class Experiment(BaseModel):
     position: str | None
     positions: list[tuple[int, int]]
     paper: str | None = None
+    milestone: MilestoneRef | None = None
 
     @property
     def run(self) -> str:
@@ -590,6 +648,30 @@ class Experiment(BaseModel):
     @property
     def run_dir(self) -> Path:
         return self.params.run_dir(self.run)
+
+    @property
+    def registry_keys(self) -> list[str]:
+        """The experiments: entries this run is defined by (its own, and for a milestone the trained one's)."""
+        return [f"experiments.{self.name}"] + ([f"experiments.{self.milestone.of}"] if self.milestone else [])
+
+    @property
+    def trains(self) -> bool:
+        """False for a milestone experiment: it reads another run's model."""
+        return self.milestone is None
+
+    @property
+    def checkpoint(self) -> Path:
+        """The model this run samples and scores: its own model.pt, or the milestone of the run it reads."""
+        if self.milestone is None:
+            return self.run_dir / "model.pt"
+        source = self.params.run_dir(run_id(self.milestone.of, self.seed))
+        if self.milestone.step == self.params.train.steps:  # the last step: the trained model itself
+            return source / "model.pt"
+        return milestone_path(source, self.milestone.step)
+
+
+def milestone_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "milestones" / f"step_{step}.pt"
 
 
 def _deep_merge(base: dict, over: dict, path: str) -> dict:
@@ -605,25 +687,37 @@ def _deep_merge(base: dict, over: dict, path: str) -> dict:
 
 
 def _experiment(params: Params, name: str, seed: int) -> Experiment:
-    exp = params.experiments[name]
+    exp = spec = params.experiments[name]
     base = params.model_dump(mode="python")
     where = f"experiments.{name}.overrides"
     if "experiments" in exp.overrides:
         raise ParamsError(f"{where}.experiments: an experiment cannot override the registry")
-    merged = _deep_merge(base, exp.overrides, where) if exp.overrides else base
+    merged = base
+    if exp.milestone is not None:  # the trained experiment's settings, then this one's sampling/metrics overrides
+        spec = params.experiments[exp.milestone.of]
+        if spec.family == "af":
+            raise ParamsError(f"experiments.{name}.milestone: milestones are saved by flow training; "
+                              f"{exp.milestone.of} is an adversarial flow")
+        source = _experiment(params, exp.milestone.of, seed)
+        st = source.params.train
+        if exp.milestone.step not in st.milestones and exp.milestone.step != st.steps:
+            raise ParamsError(f"experiments.{name}.milestone.step: {exp.milestone.step} is not in experiments."
+                              f"{exp.milestone.of}'s train.milestones {st.milestones} nor its last step {st.steps}")
+        merged = _deep_merge(merged, spec.overrides, f"experiments.{exp.milestone.of}.overrides")
+    merged = _deep_merge(merged, exp.overrides, where) if exp.overrides else merged
     merged["train"]["seed"] = seed
-    merged["experiments"] = {name: base["experiments"][name]}
+    merged["experiments"] = {k: base["experiments"][k] for k in (name, exp.milestone and exp.milestone.of) if k}
     merged_params = validate(merged, where=where if exp.overrides else None)
     positions: list[tuple[int, int]] = []
-    if exp.position is not None:
+    if spec.position is not None:
         try:
             a = merged_params.align
-            positions = parse_position(exp.position, merged_params.model.layers_per_block(), a.default_layer,
+            positions = parse_position(spec.position, merged_params.model.layers_per_block(), a.default_layer,
                                        a.layer_base)
         except PositionError as e:
             raise ParamsError(f"experiments.{name}.position: {e}") from None
-    return Experiment(name=name, seed=seed, params=merged_params, family=exp.family, strategy=exp.strategy,
-                      position=exp.position, positions=positions, paper=exp.paper)
+    return Experiment(name=name, seed=seed, params=merged_params, family=spec.family, strategy=spec.strategy,
+                      position=spec.position, positions=positions, paper=exp.paper, milestone=exp.milestone)
 
 
 def _format(err: ValidationError, where: str | None) -> str:

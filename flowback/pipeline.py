@@ -148,6 +148,8 @@ class Pipeline:
                 continue
             for run in params.runs() if mod.PER_RUN else [None]:
                 cfg = params.run(run) if run else params
+                if run and not getattr(mod, "applies", lambda _: True)(cfg):
+                    continue
                 self.instances.append(Instance(stage, run, cfg, tuple(mod.reads(cfg)), tuple(mod.inputs(cfg)),
                                                mod.outputs(cfg)))
         self.by_name = {i.name: i for i in self.instances}

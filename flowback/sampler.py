@@ -46,8 +46,15 @@ def solver(s: "SampleParams") -> Solver:
                   tup(j.init), tup(j.window) if s.solver == "gs_jacobi" else 0)
 
 
-def balanced_labels(num_classes: int, per_class: int) -> np.ndarray:
-    return np.tile(np.arange(num_classes, dtype=np.int64), per_class)
+def sample_labels(num_classes: int, per_class: int, how: str = "balanced", seed: int = 0) -> np.ndarray:
+    """The class of every sample: `balanced` cycles through the classes (exactly per_class each); `random` draws
+    num_classes * per_class classes uniformly from a generator seeded by `seed` (ADM / ml-tarflow)."""
+    n = num_classes * per_class
+    if how == "balanced":
+        return np.tile(np.arange(num_classes, dtype=np.int64), per_class)
+    if how == "random":
+        return np.random.default_rng(seed).integers(0, num_classes, n, dtype=np.int64)
+    raise ValueError(f"sample.labels must be 'balanced' or 'random', got {how!r}")
 
 
 def generate(

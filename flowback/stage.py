@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import FlowBackError
-from .params import Experiment, Params, load_params, restrict
+from .params import Experiment, Params, ParamsError, load_params, restrict
 
 
 class LockedError(FlowBackError):
@@ -103,6 +103,9 @@ def main(stage: str, argv: list[str] | None = None) -> None:
         params = load_params(args.params)
         run = params.resolve_run(args.experiment) if mod.PER_RUN else None
         cfg = params.run(run) if mod.PER_RUN else params
+        if run and not getattr(mod, "applies", lambda _: True)(cfg):
+            raise ParamsError(f"run {run!r} has no {stage} stage: it reads experiments.{cfg.milestone.of}'s "
+                              f"milestone at step {cfg.milestone.step}")
         pipeline = Pipeline(params, args.params)
         check_under_dvc(pipeline)
         rank = env()[0]

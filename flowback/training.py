@@ -39,6 +39,7 @@ from .alignment.encoder import FrozenEncoder
 from .alignment.loss import Projector, combine_positions, encoder_input_size, position_loss, target_tokens
 from .alignment.strategies import AlignSpec, alignment_features
 from .builders import flow_config
+from .checkpoints import save_flow
 from .data.batches import Batch, Batches
 from .data.images import to_model
 from .distributed import barrier, broadcast_int
@@ -334,10 +335,12 @@ def train(
     show_progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     on_log: Callable[[list[dict]], None] | None = None,
+    milestones: dict[int, Path] | None = None,
 ) -> TrainResult:
     """Train exp's flow on `batches` (this rank's view); resume from `state_path` if it holds a matching state.
 
     `fixed_images`: the in-memory training set (uint8), whose alignment targets are then computed once.
+    `milestones`: {step: path} where rank 0 saves the model (the EMA one if kept) after that step, like model.pt.
     `on_step(step)` is called after each completed step (tests use it to simulate a crash); `on_log(log)` with the
     whole log so far after each new row, on rank 0 (the train stage writes train_log.csv from it).
     """
@@ -355,6 +358,11 @@ def train(
     state = TrainState(exp, encoder.dim if encoder else 0, device)
     state_path = Path(state_path)
     start = state.restore(state_path, rank, device)
+    milestones = {int(k): Path(v) for k, v in (milestones or {}).items()}
+    passed = [k for k, v in sorted(milestones.items()) if k <= start and not v.exists()]
+    if passed:
+        raise TrainingError(f"run {exp.run!r}: milestone step {passed[0]} was added after the run passed it (it resumes "
+                            f"at step {start}); delete {state_path} to train again from the start")
     if plan.checkpointing:
         checkpoint_layers(state.model)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tp.dtype == "bfloat16")
@@ -419,6 +427,9 @@ def train(
             check_finite(step + 1)
             if rank == 0:
                 state.save(state_path)
+        if step + 1 in milestones and rank == 0:
+            save_flow(milestones[step + 1], state.final_model, experiment=exp.name, seed=exp.seed,
+                      strategy=exp.strategy, position=exp.position, steps=step + 1)
         if on_step is not None:
             on_step(step + 1)
     seconds = time.perf_counter() - t0

@@ -19,14 +19,17 @@ def pipeline_run(tmp_path_factory):
     p = tiny_params(tmp, experiments={"baseline": {"strategy": "none", "seeds": [0, 1]},
                                       "reverse_78": {"strategy": "reverse", "position": "7&8"},
                                       "forward_12": {"strategy": "forward", "position": "1&2"},
-                                      "af": {"family": "af"}},
-                    af={"generator": {"width": 16, "depth": 1, "head_dim": 8},
+                                      "af": {"family": "af"},
+                                      "reverse_78_at2": {"milestone": {"of": "reverse_78", "step": 2}}},
+                    train={"milestones": [2]}, af={"generator": {"width": 16, "depth": 1, "head_dim": 8},
                         "train": {"steps": 3, "batch_size": 8, "log_every": 1, "checkpoint_every": 2}})
     for name in ("prepare", "encoder", "metricnet", "reference"):
         stage(name, p)
     for run in ("baseline-s0", "reverse_78-s0", "af-s0"):
         for name in ("train", "sample", "evaluate"):
             stage(name, p, run)
+    for name in ("sample", "evaluate"):  # the milestone run: reverse_78-s0's model after step 2, no training
+        stage(name, p, "reverse_78_at2-s0")
     stage("table", p)
     return tmp, p
 
@@ -51,12 +54,25 @@ def test_every_stage_writes_its_outputs(pipeline_run):
     assert list(train_log["step"]) == [1, 2, 3] and train_log["align"].abs().gt(0).all()
 
 
+def test_a_milestone_run_scores_the_saved_model_without_training(pipeline_run):
+    tmp, p = pipeline_run
+    runs = tmp / "results" / "runs"
+    assert (runs / "reverse_78-s0" / "milestones" / "step_2.pt").exists()
+    assert not (runs / "reverse_78_at2-s0" / "model.pt").exists()
+    at2 = json.loads((runs / "reverse_78_at2-s0" / "metrics.json").read_text())
+    final = json.loads((runs / "reverse_78-s0" / "metrics.json").read_text())
+    assert np.isfinite(at2["fid"]) and at2["fid"] != final["fid"]
+    with pytest.raises(SystemExit):
+        stage("train", p, "reverse_78_at2-s0")
+
+
 def test_the_table_marks_what_was_not_run_and_shows_seeds(pipeline_run):
     tmp, _ = pipeline_run
     tables = tmp / "results" / "tables"
     df = pd.read_csv(tables / "ablation.csv")
-    assert list(df["Experiment"]) == ["baseline", "reverse_78", "forward_12", "af"]
-    assert list(df["Seeds"]) == ["1/2", "1/1", "0/1", "1/1"]
+    assert list(df["Experiment"]) == ["baseline", "reverse_78", "forward_12", "af", "reverse_78_at2"]
+    assert list(df["Seeds"]) == ["1/2", "1/1", "0/1", "1/1", "1/1"]
+    assert list(df.loc[df.Experiment == "reverse_78_at2", "Strategy"]) == ["Reverse"]
     assert df.loc[df.Experiment == "forward_12", "FID"].isna().all()
     fid = json.loads((tmp / "results" / "runs" / "reverse_78-s0" / "metrics.json").read_text())["fid"]
     assert df.loc[df.Experiment == "reverse_78", "FID"].iloc[0] == pytest.approx(fid)
@@ -73,7 +89,7 @@ def test_each_finished_stage_writes_its_key_file(pipeline_run):
     for name in done:
         assert pipe.stamp(pipe.by_name[name]).exists(), name
     assert not pipe.stamp(pipe.by_name["train_baseline-s1"]).exists()
-    assert len(list((tmp / "results" / "stamps").glob("*.key"))) == 4 + 1 + 3 * 3
+    assert len(list((tmp / "results" / "stamps").glob("*.key"))) == 4 + 1 + 3 * 3 + 2  # + the milestone run's two
 
 
 def test_a_second_runner_of_the_same_run_stops_naming_the_holder(pipeline_run, capsys):

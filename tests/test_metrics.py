@@ -57,6 +57,14 @@ def test_4i_vs_i_gives_d(d):
     assert frechet_distance(z, 4 * np.eye(d), z, np.eye(d)) == pytest.approx(d, rel=1e-10)
 
 
+def test_statistics_that_are_not_covariances_are_an_error_not_a_number():
+    from flowback.metrics.frechet import FrechetError
+
+    z = np.zeros(2)
+    with pytest.raises(FrechetError, match="imaginary part of 1"):  # sqrt of the eigenvalue -1: i
+        frechet_distance(z, np.diag([1.0, -1.0]), z, np.eye(2))
+
+
 def test_symmetric():
     rng = np.random.RandomState(2)
     mu1, mu2, s1, s2 = rng.randn(10), rng.randn(10), random_psd(rng, 10), random_psd(rng, 10)
@@ -76,13 +84,13 @@ def test_not_finite_sqrt_falls_back_to_eps(monkeypatch):
     from flowback.metrics import frechet
 
     calls = []
-    real = frechet._trace_sqrt_product
+    real = frechet._sqrt_eigenvalues
 
     def flaky(s1, s2):
         calls.append(s1.copy())
-        return float("nan") if len(calls) == 1 else real(s1, s2)
+        return np.full(len(s1), np.nan, complex) if len(calls) == 1 else real(s1, s2)
 
-    monkeypatch.setattr(frechet, "_trace_sqrt_product", flaky)
+    monkeypatch.setattr(frechet, "_sqrt_eigenvalues", flaky)
     d = 3
     value = frechet.frechet_distance(np.zeros(d), 4 * np.eye(d), np.zeros(d), np.eye(d))
     assert len(calls) == 2
@@ -153,6 +161,22 @@ def test_is_splits_are_in_order_not_shuffled():
     logits[n // 2:, 1] = 50.0
     f = _feats(torch.randn(n, 8, generator=torch.Generator().manual_seed(0)), logits=logits)
     assert generative_metrics(f, f, isc_splits=2)["is"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_adm_split_size_gives_fixed_size_splits():
+    from flowback.metrics.generative import isc_split_count
+
+    # Classes 0,1 | 2,3 | 4,5 in three in-order blocks of 4: splits of 4 images see two classes each (IS 2); the
+    # default 10 equal splits would not be of 4.
+    n = 12
+    logits = torch.full((n, 6), -50.0)
+    logits[torch.arange(n), torch.arange(n) // 2] = 50.0
+    f = _feats(torch.randn(n, 8, generator=torch.Generator().manual_seed(0)), logits=logits)
+    splits = isc_split_count(n, 10, split_size=4)
+    assert splits == 3 and generative_metrics(f, f, isc_splits=splits)["is"] == pytest.approx(2.0, rel=1e-6)
+    assert isc_split_count(50_000, 10, 5000) == isc_split_count(50_000, 10) == 10  # equal at the paper's 50K
+    with pytest.raises(ValueError, match="isc_split_size 5 does not divide the 12"):
+        isc_split_count(n, 10, split_size=5)
 
 
 def test_precision_recall_identical_sets():

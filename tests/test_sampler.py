@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import random_flow
 
-from flowback.sampler import balanced_labels, generate
+from flowback.sampler import sample_labels, generate
 
 
 def small_flow():
@@ -14,7 +14,7 @@ def small_flow():
 
 def test_sampling_resumes_without_duplicates_or_gaps(tmp_path, monkeypatch):
     model = small_flow()
-    labels = balanced_labels(3, 5)
+    labels = sample_labels(3, 5)
     full, _ = generate(model, labels, tmp_path / "a", 4, seed=1, show_progress=False, key="k")
 
     import flowback.sampler as sampler
@@ -44,13 +44,20 @@ def test_sampling_resumes_without_duplicates_or_gaps(tmp_path, monkeypatch):
 @pytest.mark.parametrize("denoise", [0.0, 0.1])
 def test_micro_batches_give_the_whole_chunk(tmp_path, denoise):
     model = small_flow()
-    labels = balanced_labels(3, 4)
+    labels = sample_labels(3, 4)
     whole, _ = generate(model, labels, tmp_path / "a", 12, seed=3, denoise_sigma=denoise, show_progress=False)
     parts, _ = generate(model, labels, tmp_path / "b", 12, seed=3, denoise_sigma=denoise, show_progress=False,
                         micro_batch=5)
     assert np.array_equal(whole, parts) and whole.std() > 0
 
 
-def test_balanced_labels_are_balanced_in_every_prefix():
-    labels = balanced_labels(4, 3)
+def test_sample_labels_are_balanced_in_every_prefix():
+    labels = sample_labels(4, 3)
     assert labels.tolist() == [0, 1, 2, 3] * 3
+
+
+def test_random_labels_are_seeded_and_cover_the_classes():
+    a, b = sample_labels(4, 50, "random", seed=1), sample_labels(4, 50, "random", seed=1)
+    assert np.array_equal(a, b) and len(a) == 200 and set(a.tolist()) == {0, 1, 2, 3}
+    assert not np.array_equal(a, sample_labels(4, 50, "random", seed=2))
+    assert not np.array_equal(np.bincount(a), [50] * 4)  # drawn, not balanced

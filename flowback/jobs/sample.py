@@ -18,14 +18,14 @@ PER_RUN = True
 LAUNCHED = True
 
 
-AF_SAMPLE_KEYS = ["sample.per_class", "sample.batch_size", "sample.seed", "sample.dtype"]  # all an `af` run reads
+AF_SAMPLE_KEYS = ["sample.per_class", "sample.labels", "sample.batch_size", "sample.seed", "sample.dtype"]  # all an `af` run reads
 
 
 def reads(e: Experiment) -> list[str]:
     if e.family == "af":  # an adversarial flow: one (or af.nfe) network evaluations, nothing of the flow's sampling
-        return [f"experiments.{e.name}", "results", *AF_SAMPLE_KEYS, "af", "model.latent", "data.dataset",
+        return [*e.registry_keys, "results", *AF_SAMPLE_KEYS, "af", "model.latent", "data.dataset",
                 "data.image_size", "data.classes", *RUNTIME]
-    keys = [f"experiments.{e.name}", "results", "sample", *FLOW_KEYS, *RUNTIME, "runtime.gpu_memory_gib",
+    keys = [*e.registry_keys, "results", "sample", *FLOW_KEYS, *RUNTIME, "runtime.gpu_memory_gib",
             "decoder.enabled"]
     if e.params.decoder.enabled:
         keys += ["decoder.dir"]
@@ -33,7 +33,7 @@ def reads(e: Experiment) -> list[str]:
 
 
 def inputs(e: Experiment) -> list[str]:
-    deps = [f"{e.run_dir}/model.pt"]
+    deps = [str(e.checkpoint)]
     if e.family == "af":
         return deps + ([e.params.model.latent.vae_dir] if e.params.model.latent is not None else [])
     if e.params.decoder.enabled:  # the fine-tuned decoder (the decoder stage's output)
@@ -62,17 +62,17 @@ def run(e: Experiment, progress: bool = True) -> str:
     from ..plan.sample import resolve_sample_micro_batch
     from ..runtime import configure
     from ..plots import image_grid, save_png
-    from ..sampler import balanced_labels, generate, guidance, solver
+    from ..sampler import sample_labels, generate, guidance, solver
 
     p, sp = e.params, e.params.sample
     dev, rank, _ = setup(configure(p.runtime))
     if e.family == "af":
         return _run_af(e, dev, rank, progress)
     run_dir = e.run_dir
-    model, _ = load_flow(run_dir / "model.pt", expected=flow_config(p), device=dev)
-    labels = balanced_labels(p.data.num_classes, sp.per_class)
+    model, _ = load_flow(e.checkpoint, expected=flow_config(p), device=dev)
+    labels = sample_labels(p.data.num_classes, sp.per_class, sp.labels, sp.seed)
     dtype = torch.bfloat16 if sp.dtype == "bfloat16" else None
-    key = f"{sha256_file(run_dir / 'model.pt')}:{sp.model_dump_json()}"
+    key = f"{sha256_file(e.checkpoint)}:{sp.model_dump_json()}"
     decode = None
     if p.model.latent is not None:  # denoising (below) runs on latents; decoding follows it
         # a decoder fine-tuned on noisy latents (the decoder stage) replaces the VAE's own
@@ -117,14 +117,14 @@ def _run_af(e: Experiment, dev, rank: int, progress: bool) -> str:
     from ..io import save_json, save_npz, sha256_file
     from ..models.af import sample_af
     from ..plots import image_grid, save_png
-    from ..sampler import balanced_labels, generate
+    from ..sampler import sample_labels, generate
 
     p, sp, run_dir = e.params, e.params.sample, e.run_dir
-    model, _ = load_generator(run_dir / "model.pt", expected=af_config(p), device=dev)
-    labels = balanced_labels(p.data.num_classes, sp.per_class)
+    model, _ = load_generator(e.checkpoint, expected=af_config(p), device=dev)
+    labels = sample_labels(p.data.num_classes, sp.per_class, sp.labels, sp.seed)
     dtype = torch.bfloat16 if sp.dtype == "bfloat16" else None
     settings = {k.split(".")[1]: getattr(sp, k.split(".")[1]) for k in AF_SAMPLE_KEYS}
-    key = f"{sha256_file(run_dir / 'model.pt')}:{json.dumps(settings, sort_keys=True)}"
+    key = f"{sha256_file(e.checkpoint)}:{json.dumps(settings, sort_keys=True)}"
     decode = None
     if p.model.latent is not None:
         decode, vae_key = _latent_decoder(p, dev, p.model.latent.vae_dir, af_config(p).channels,

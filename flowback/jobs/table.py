@@ -61,15 +61,17 @@ def run(p: Params, progress: bool = True) -> str:
 
     out = p.results_dir / "tables"
     rows, logs, panels = [], {}, []
-    for name, e in p.experiments.items():
+    for name in p.experiments:
+        e, trains = p.trained_as(name), p.experiments[name].milestone is None  # a milestone's strategy: its source's
         runs = [p.run_dir(f"{name}-s{s}") for s in p.seeds(name)]
         metrics = [load_json(r / "metrics.json") if (r / "metrics.json").exists() else None for r in runs]
         timings = [load_json(r / "sample_timing.json") if (r / "sample_timing.json").exists() else None for r in runs]
         label = f"Adversarial flow ({p.af.nfe} NFE)" if e.family == "af" else None
-        rows.append({"experiment": name, "strategy": e.strategy, "position": e.position, "paper": e.paper,
+        rows.append({"experiment": name, "strategy": e.strategy, "position": e.position,
+                     "paper": p.experiments[name].paper,
                      "runs": metrics, "timings": timings, "label": label,
                      "layer_base": p.align.layer_base})
-        logs[name] = [r / "train_log.csv" for r in runs if (r / "train_log.csv").exists() and e.family != "af"]
+        logs[name] = [r / "train_log.csv" for r in runs if (r / "train_log.csv").exists() and e.family != "af" and trains]
         first = runs[0] / "samples.npz"
         if first.exists():
             images, labels = load_samples(first, p.data.channels, p.data.image_size)

@@ -14,14 +14,19 @@ The embedded default trains from memory; ImageNet profiles stream the shards (fl
 from __future__ import annotations
 
 from ..data.manifest import data_reads
-from ..params import Experiment
+from ..params import Experiment, milestone_path
 from . import RUNTIME, Outputs
 
 PER_RUN = True
 LAUNCHED = True
 # how the steps are computed, not what they compute: left out of the resume fingerprint
 PERF_KEYS = ("train.micro_batch", "train.checkpointing", "train.compile", "train.workers", "train.log_every",
-             "runtime.device", "runtime.threads", "runtime.tf32", "runtime.gpu_memory_gib")
+             "train.milestones", "runtime.device", "runtime.threads", "runtime.tf32", "runtime.gpu_memory_gib")
+
+
+def applies(e: Experiment) -> bool:
+    """A milestone experiment reads another run's model: it has no training of its own."""
+    return e.trains
 
 
 def reads(e: Experiment) -> list[str]:
@@ -45,7 +50,8 @@ def inputs(e: Experiment) -> list[str]:
 
 def outputs(e: Experiment) -> Outputs:
     d = e.run_dir
-    return Outputs(outs=[f"{d}/model.pt"], metrics=[f"{d}/train.json"], plots=[f"{d}/train_log.csv"],
+    milestones = [str(milestone_path(d, m)) for m in e.params.train.milestones] if e.family != "af" else []
+    return Outputs(outs=[f"{d}/model.pt", *milestones], metrics=[f"{d}/train.json"], plots=[f"{d}/train_log.csv"],
                    files=[f"{d}/train_timing.json"])
 
 
@@ -72,7 +78,8 @@ def run(e: Experiment, progress: bool = True) -> str:
     state = run_dir / ".resume" / "state.pt"
     log_path = run_dir / "train_log.csv"
     result = train(e, batches, state, dev, rank, world, encoder=encoder, fixed_images=fixed_images, plan=plan,
-                   show_progress=progress, on_log=lambda log: save_csv(log_path, log))
+                   show_progress=progress, on_log=lambda log: save_csv(log_path, log),
+                   milestones={m: milestone_path(run_dir, m) for m in p.train.milestones})
     if rank != 0:
         return ""
     save_flow(run_dir / "model.pt", result.model, experiment=e.name, seed=e.seed, strategy=e.strategy,

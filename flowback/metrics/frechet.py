@@ -7,7 +7,9 @@ and the `disp` argument ADM passes is removed in SciPy 1.18, so the exact ADM ca
 trace of the square root, and tr sqrtm(S1 S2) = sum_i sqrt(lambda_i(S1 S2)): S1 S2 is similar to the PSD matrix
 S1^1/2 S2 S1^1/2, so its eigenvalues are real and >= 0 up to rounding. This eigenvalue form is the one torch-fidelity
 uses (metric_fid.fid_statistics_to_metric); we take the real part of the complex square roots as it does, so tiny
-negative or complex eigenvalues from rounding contribute ~0 instead of NaN.
+negative or complex eigenvalues from rounding contribute ~0 instead of NaN. A LARGE imaginary part is not rounding: the
+statistics are not covariances of real features (corrupt files, mismatched feature spaces), and ADM raises on it
+rather than report a number; so do we (FrechetError), after retrying with ADM's eps offset.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import FlowBackError
+
 EPS = 1e-6  # ADM's offset added to both covariances when the square root is not finite
+IMAG_ATOL = 1e-3  # ADM's tolerance on the imaginary part of the square root
+
+
+class FrechetError(FlowBackError, ValueError):
+    """The Fréchet distance is undefined for these statistics (the square root has a large imaginary part)."""
 
 
 def gaussian_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -27,9 +36,9 @@ def gaussian_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.
     return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
-def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    eig = np.linalg.eigvals(sigma1 @ sigma2)
-    return float(np.sqrt(eig.astype(np.complex128)).real.sum())
+def _sqrt_eigenvalues(sigma1: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """The (complex) square roots of the eigenvalues of sigma1 @ sigma2: their sum is tr sqrtm(sigma1 sigma2)."""
+    return np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128))
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = EPS) -> float:
@@ -44,10 +53,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = EPS) -> float:
             raise ValueError(f"{name} has non-finite entries")
     diff = mu1 - mu2
     try:
-        tr_covmean = _trace_sqrt_product(sigma1, sigma2)
+        roots = _sqrt_eigenvalues(sigma1, sigma2)
     except np.linalg.LinAlgError:
-        tr_covmean = float("nan")
-    if not np.isfinite(tr_covmean):  # near-singular product: regularise both, as ADM does
+        roots = np.array([np.nan])
+    if not np.all(np.isfinite(roots)) or np.abs(roots.imag).max() > IMAG_ATOL:  # regularise both, as ADM does
         offset = np.eye(d) * eps
-        tr_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+        roots = _sqrt_eigenvalues(sigma1 + offset, sigma2 + offset)
+    imag = float(np.abs(roots.imag).max())
+    if imag > IMAG_ATOL:
+        raise FrechetError(f"Fréchet distance undefined: the covariance product's square root has an imaginary part "
+                           f"of {imag:.3g} (> {IMAG_ATOL}); the statistics are not covariances of one feature space")
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * roots.real.sum())

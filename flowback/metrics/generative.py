@@ -68,6 +68,16 @@ def _check(feats: dict, name: str, keys: tuple[str, ...]) -> None:
         raise KeyError(f"{name} features lack {missing}; have {sorted(feats)}")
 
 
+def isc_split_count(n: int, splits: int, split_size: int | None = None) -> int:
+    """How many IS splits `n` samples get: `splits` equal ones, or n / split_size (ADM's fixed 5,000-image splits;
+    the two agree at 50K samples and 10 splits, not at other counts)."""
+    if split_size is None:
+        return splits
+    if n % split_size:
+        raise ValueError(f"metrics.isc_split_size {split_size} does not divide the {n} samples")
+    return n // split_size
+
+
 def generative_metrics(sample_feats: dict, ref_feats: dict, isc_splits: int = 10, prc_neighborhood: int = 3,
                        prc_batch_size: int = 10000) -> dict[str, float]:
     """{"fid", "sfid", "is", "is_std", "precision", "recall"} of samples against the reference set's features."""

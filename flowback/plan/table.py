@@ -57,8 +57,9 @@ def plan_rows(params: Params, world: int) -> list[tuple[Choice, float]]:
             t = plan_af(exp, world)
             rows.append((t, t.steps * t.measure.flops * world / 1e12 / 3600))
             continue
-        t = plan_train(exp, world)
-        rows.append((t, t.steps * t.measure.flops * t.accumulation * world / 1e12 / 3600))
+        if exp.trains:  # a milestone run samples another run's model
+            t = plan_train(exp, world)
+            rows.append((t, t.steps * t.measure.flops * t.accumulation * world / 1e12 / 3600))
         s = plan_sample(exp)
         n = exp.params.sample.per_class * exp.params.data.num_classes
         guided = 2 if exp.params.sample.guidance.method != "none" and exp.params.sample.guidance.weight > 0 else 1
