@@ -43,7 +43,7 @@ rule ablation_table:
 for _name in P.params.experiments:
     rule:
         name: f"experiment_{_name}"
-        input: [stamp("evaluate", r) for r in RUNS if r.rpartition("-s")[0] == _name]
+        input: [str(P.stamp(i)) for i in P.instances if i.stage in ("evaluate", "probe") and i.run.rpartition("-s")[0] == _name]
 
 
 rule prepare:
@@ -107,6 +107,14 @@ rule evaluate:
     output: f"{STAMPS}/evaluate_{{run}}.{{key}}.key"
     threads: THREADS
     params: cmd=lambda w: P.cmd(P.instance("evaluate", w.run))
+    shell: "{params.cmd}"
+
+
+rule probe:
+    input: lambda w: needs("probe", w.run)
+    output: f"{STAMPS}/probe_{{run}}.{{key}}.key"
+    threads: THREADS
+    params: cmd=lambda w: P.cmd(P.instance("probe", w.run))
     shell: "{params.cmd}"
 
 

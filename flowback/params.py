@@ -148,6 +148,21 @@ class EncoderParams(Strict):
     hub: str | None = Field(None, description="timm name to fetch into dir, e.g. vit_base_patch14_dinov2.lvd142m")
 
 
+class ProbeParams(Strict):
+    """Linear probes on the flow's frozen hidden states (flowback/metrics/probe.py): which layers decode the class,
+    beside the training-free classifier (the paper's claim that they match). Fit on the train split, scored on val."""
+
+    enabled: bool = True
+    layers: str = Field("every", description="every = every layer of every block; or a position ('all', '7&8', "
+                                             "'7&8 layer 3') in align's numbering")
+    C: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic regression")
+    max_iter: int = Field(1000, ge=1)
+    max_train: int | None = Field(None, ge=10, description="fit on a fixed random subset of this many train images "
+                                                           "(memory: images x width floats per layer)")
+    batch_size: int = Field(256, ge=1, description="images per forward pass")
+    seed: Seed = 0
+
+
 class MetricParams(Strict):
     """Feature network for FID / sFID / IS / precision-recall, and the reference images (a split or an ADM batch)."""
 
@@ -168,6 +183,7 @@ class MetricParams(Strict):
     classifier_split: Literal["train", "val"] = "val"
     classifier_batch_size: int | Literal["auto"] = Field(
         128, description="images per backward pass of the training-free classifier; auto = the memory plan's choice")
+    probe: ProbeParams = ProbeParams()
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -650,9 +666,12 @@ class Experiment(BaseModel):
         return self.params.run_dir(self.run)
 
     @property
-    def registry_keys(self) -> list[str]:
-        """The experiments: entries this run is defined by (its own, and for a milestone the trained one's)."""
-        return [f"experiments.{self.name}"] + ([f"experiments.{self.milestone.of}"] if self.milestone else [])
+    def source_keys(self) -> list[str]:
+        """The params that say which model this run reads: its experiments: entry, and for a milestone also the
+        trained experiment's entry and train.steps (whether the step is its model.pt or a milestone file)."""
+        if self.milestone is None:
+            return [f"experiments.{self.name}"]
+        return [f"experiments.{self.name}", f"experiments.{self.milestone.of}", "train.steps"]
 
     @property
     def trains(self) -> bool:
@@ -716,6 +735,13 @@ def _experiment(params: Params, name: str, seed: int) -> Experiment:
                                        a.layer_base)
         except PositionError as e:
             raise ParamsError(f"experiments.{name}.position: {e}") from None
+    layers = merged_params.metrics.probe.layers
+    if spec.family == "tarflow" and layers != "every":
+        try:
+            parse_position(layers, merged_params.model.layers_per_block(), merged_params.align.default_layer,
+                           merged_params.align.layer_base)
+        except PositionError as e:
+            raise ParamsError(f"metrics.probe.layers: {e}") from None
     return Experiment(name=name, seed=seed, params=merged_params, family=spec.family, strategy=spec.strategy,
                       position=spec.position, positions=positions, paper=exp.paper, milestone=exp.milestone)
 

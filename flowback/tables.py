@@ -18,7 +18,7 @@ MISSING = "—"
 STRATEGY_NAMES = {"none": "TARFlow baseline", "forward": "Forward", "detach": "Detach", "reverse": "Reverse"}
 # (metrics.json key, column, decimals)
 ABLATION_COLUMNS = [("fid", "FID", 2), ("sfid", "sFID", 2), ("is", "IS", 2), ("cond_acc", "Cond. acc. (%)", 1),
-                    ("acc", "Acc. (%)", 2), ("images_per_second", "Sampling img/s", 0)]
+                    ("acc", "Acc. (%)", 2), ("probe_acc", "Probe acc. (%)", 1), ("images_per_second", "Sampling img/s", 0)]
 TIMING_KEYS = {"images_per_second"}  # read from the runs' sample_timing.json, not from metrics.json
 
 

@@ -26,7 +26,7 @@ def pipeline_run(tmp_path_factory):
     for name in ("prepare", "encoder", "metricnet", "reference"):
         stage(name, p)
     for run in ("baseline-s0", "reverse_78-s0", "af-s0"):
-        for name in ("train", "sample", "evaluate"):
+        for name in ("train", "sample", "evaluate") + (("probe",) if run != "af-s0" else ()):
             stage(name, p, run)
     for name in ("sample", "evaluate"):  # the milestone run: reverse_78-s0's model after step 2, no training
         stage(name, p, "reverse_78_at2-s0")
@@ -77,7 +77,12 @@ def test_the_table_marks_what_was_not_run_and_shows_seeds(pipeline_run):
     fid = json.loads((tmp / "results" / "runs" / "reverse_78-s0" / "metrics.json").read_text())["fid"]
     assert df.loc[df.Experiment == "reverse_78", "FID"].iloc[0] == pytest.approx(fid)
     md = (tables / "ablation.md").read_text()
-    assert "Block 7&8" in md and MISSING in md and "not run" in md and "Cond. acc." in md
+    assert "Block 7&8" in md and MISSING in md and "not run" in md and "Cond. acc." in md and "Probe acc." in md
+    probe = json.loads((tmp / "results" / "runs" / "reverse_78-s0" / "probe.json").read_text())
+    assert len(probe["accuracy"]) == 8 and probe["best"] in probe["accuracy"]  # 8 blocks x 1 layer, all probed
+    row = df[df.Experiment == "reverse_78"].iloc[0]
+    assert row["Probe acc. (%)"] == pytest.approx(probe["best_accuracy"]) and 0 <= row["Probe acc. (%)"] <= 100
+    assert pd.isna(df.loc[df.Experiment == "af", "Probe acc. (%)"]).all()  # no probe for an adversarial flow
     for figure in ("training_curves.png", "samples.png"):
         assert (tables / figure).stat().st_size > 0
 
@@ -89,7 +94,8 @@ def test_each_finished_stage_writes_its_key_file(pipeline_run):
     for name in done:
         assert pipe.stamp(pipe.by_name[name]).exists(), name
     assert not pipe.stamp(pipe.by_name["train_baseline-s1"]).exists()
-    assert len(list((tmp / "results" / "stamps").glob("*.key"))) == 4 + 1 + 3 * 3 + 2  # + the milestone run's two
+    # prepare, encoder, metricnet, reference, table; train/sample/evaluate of 3 runs, probe of 2; the milestone's two
+    assert len(list((tmp / "results" / "stamps").glob("*.key"))) == 4 + 1 + 3 * 3 + 2 + 2
 
 
 def test_a_second_runner_of_the_same_run_stops_naming_the_holder(pipeline_run, capsys):

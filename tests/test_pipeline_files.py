@@ -55,7 +55,7 @@ def test_keys_chain_down_the_pipeline(pipeline):
     changed = Pipeline(p.model_copy(update={"align": p.align.model_copy(update={"weight": 0.25})}), raw=raw)
     moved = {i.name for i in pipeline.instances if pipeline.key(i.name) != changed.key(i.name)}
     aligned = {r for r in p.runs() if p.run(r).strategy != "none"}
-    assert moved == {f"{s}_{r}" for s in ("train", "sample", "evaluate") for r in aligned} | {"table"}
+    assert moved == {f"{s}_{r}" for s in ("train", "sample", "evaluate", "probe") for r in aligned} | {"table"}
 
 
 def test_snakemake_plans_the_same_instances_and_commands(tmp_path, pipeline):

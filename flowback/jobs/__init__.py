@@ -4,6 +4,8 @@ A stage module has
 - `PER_RUN`: one instance per run of the grid (`<experiment>-s<seed>`), or one for the whole params;
 - `LAUNCHED`: started with `runtime.launcher` (torchrun for DDP) instead of plain `python`;
 - `enabled(params)` (optional): whether the stage is part of this profile's pipeline at all;
+- `applies(run config)` (optional, PER_RUN stages): whether a run has this stage (a milestone run does not train,
+  an adversarial flow has no probe);
 - `reads(cfg)`: the params keys it reads (dotted; a key covers everything below it). The stage receives a config in
   which every other value raises when used (flowback.params.restrict), so the list is exact by construction, and
   dvc.yaml / the Snakefile declare exactly these keys;
@@ -21,7 +23,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 # pipeline order: a stage only needs outputs of stages before it
-NAMES = ("prepare", "encoder", "metricnet", "reference", "decoder", "train", "sample", "evaluate", "table")
+NAMES = ("prepare", "encoder", "metricnet", "reference", "decoder", "train", "sample", "evaluate", "probe",
+         "table")
 RUNTIME = ["runtime.device", "runtime.threads", "runtime.tf32"]  # what flowback.runtime.configure reads
 FLOW_KEYS = ["model", "data.dataset", "data.image_size", "data.classes"]  # what builders.flow_config reads
 

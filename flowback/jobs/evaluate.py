@@ -24,8 +24,8 @@ METRIC_KEYS = ["metrics.network", "metrics.dir", "metrics.batch_size", "metrics.
 def reads(e: Experiment) -> list[str]:
     if e.family == "af":  # no likelihood, so no training-free classifier: the generative metrics only
         keys = [k for k in METRIC_KEYS if "classifier" not in k]
-        return [*e.registry_keys, "results", *keys, *RUNTIME, *data_reads(e.params)]
-    return [*e.registry_keys, "results", *METRIC_KEYS, *FLOW_KEYS, *RUNTIME, "runtime.gpu_memory_gib",
+        return [*e.source_keys, "results", *keys, *RUNTIME, *data_reads(e.params)]
+    return [*e.source_keys, "results", *METRIC_KEYS, *FLOW_KEYS, *RUNTIME, "runtime.gpu_memory_gib",
             *data_reads(e.params)]
 
 

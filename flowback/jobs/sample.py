@@ -23,9 +23,9 @@ AF_SAMPLE_KEYS = ["sample.per_class", "sample.labels", "sample.batch_size", "sam
 
 def reads(e: Experiment) -> list[str]:
     if e.family == "af":  # an adversarial flow: one (or af.nfe) network evaluations, nothing of the flow's sampling
-        return [*e.registry_keys, "results", *AF_SAMPLE_KEYS, "af", "model.latent", "data.dataset",
+        return [*e.source_keys, "results", *AF_SAMPLE_KEYS, "af", "model.latent", "data.dataset",
                 "data.image_size", "data.classes", *RUNTIME]
-    keys = [*e.registry_keys, "results", "sample", *FLOW_KEYS, *RUNTIME, "runtime.gpu_memory_gib",
+    keys = [*e.source_keys, "results", "sample", *FLOW_KEYS, *RUNTIME, "runtime.gpu_memory_gib",
             "decoder.enabled"]
     if e.params.decoder.enabled:
         keys += ["decoder.dir"]

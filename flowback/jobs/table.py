@@ -11,7 +11,7 @@ PER_RUN = False
 LAUNCHED = False
 NOTE_KEYS = ["data.dataset", "data.image_size", "data.classes", "train.steps", "train.seed", "sample.per_class",
              "metrics.network", "metrics.reference_split", "metrics.reference_batch", "metrics.classifier_split",
-             "af.nfe"]
+             "metrics.probe.enabled", "af.nfe"]
 
 
 def reads(p: Params) -> list[str]:
@@ -19,8 +19,25 @@ def reads(p: Params) -> list[str]:
 
 
 def inputs(p: Params) -> list[str]:
-    return [f"{p.run_dir(r)}/{f}" for r in p.runs()
-            for f in ("metrics.json", "train_log.csv", "samples.npz", "sample_timing.json")]
+    files = ("metrics.json", "train_log.csv", "samples.npz", "sample_timing.json")
+    return [f"{p.run_dir(r)}/{f}" for r in p.runs() for f in files + (("probe.json",) if _probed(p, r) else ())]
+
+
+def _probed(p: Params, run: str) -> bool:
+    return p.metrics.probe.enabled and p.trained_as(run.rpartition("-s")[0]).family != "af"
+
+
+def _metrics(p: Params, run: str) -> dict | None:
+    """metrics.json of a run (None: not evaluated), with its best linear probe's accuracy as `probe_acc`."""
+    from ..io import load_json
+
+    d = p.run_dir(run)
+    if not (d / "metrics.json").exists():
+        return None
+    m = load_json(d / "metrics.json")
+    if _probed(p, run) and (d / "probe.json").exists():
+        m["probe_acc"] = load_json(d / "probe.json")["best_accuracy"]
+    return m
 
 
 def outputs(p: Params) -> Outputs:
@@ -38,6 +55,9 @@ def note(p: Params) -> str:
             f"experiment (cells with several: mean ± std over seeds). FID/sFID/IS with the `{m.network}` feature "
             f"network against {ref}; Cond. acc. = the feature network's accuracy at recognising each sample's "
             f"conditioning class; Acc. = the training-free classifier on the {m.classifier_split} split.")
+    if m.probe.enabled:
+        text += (" Probe acc. = the best layer's linear probe (logistic regression on token-averaged hidden states, "
+                 "fitted on train, scored on val; probe.json of each run names the layer).")
     if any(e.family == "af" for e in p.experiments.values()):
         text += (f" Adversarial flow: {p.af.nfe} network evaluation(s) per sample; Acc. is not defined for it (it has "
                  f"no likelihood, so no training-free classifier). Sampling img/s: one process on this machine, "
@@ -64,7 +84,7 @@ def run(p: Params, progress: bool = True) -> str:
     for name in p.experiments:
         e, trains = p.trained_as(name), p.experiments[name].milestone is None  # a milestone's strategy: its source's
         runs = [p.run_dir(f"{name}-s{s}") for s in p.seeds(name)]
-        metrics = [load_json(r / "metrics.json") if (r / "metrics.json").exists() else None for r in runs]
+        metrics = [_metrics(p, f"{name}-s{s}") for s in p.seeds(name)]
         timings = [load_json(r / "sample_timing.json") if (r / "sample_timing.json").exists() else None for r in runs]
         label = f"Adversarial flow ({p.af.nfe} NFE)" if e.family == "af" else None
         rows.append({"experiment": name, "strategy": e.strategy, "position": e.position,
