@@ -127,6 +127,20 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 
 
+def save_network(directory: str | os.PathLike, state: dict, config: dict,
+                 weights_file: str = "model.safetensors") -> Path:
+    """A network directory: `weights_file` (safetensors: plain tensors, nothing to unpickle) then config.json, each
+    written atomically; the weights first, so a directory with a config always has the weights it describes."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / weights_file) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    save_json(directory / "config.json", config)
+    return directory / weights_file
+
+
 def _json_default(x: Any) -> Any:
     if isinstance(x, (np.floating, np.integer)):
         return x.item()

@@ -306,7 +306,7 @@ class AlignParams(Strict):
         "paper", description="which dependences the reverse strategy's gradient keeps: paper = the pseudo-reverse "
                              "(forward context, one parallel pass); exact = the true inverse's gradient (implicit "
                              "adjoint); newest = through each token's own inverse step only")
-    reverse_tol: float = Field(0.0, ge=0.0, description="exact/newest: adjoint sweeps stop at this relative change "
+    reverse_tol: float = Field(1e-5, ge=0.0, description="exact/newest: adjoint sweeps stop at this relative change "
                                                         "(0: when it stops changing)")
     layer_base: Literal[0, 1] = Field(1, description="'layer N' in a position counts layers from 1 (after the Nth "
                                                      "layer) or from 0")

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import FlowBackFileError, atomic_path, save_json
+from ..frozen import Frozen
+from ..io import FlowBackFileError, save_network
 
 if TYPE_CHECKING:
     from ..params import EncoderParams
@@ -42,20 +43,18 @@ class EncoderConfig:
         return cls(arch=e.arch, kwargs=dict(e.kwargs), input_size=e.input_size, mean=tuple(e.mean), std=tuple(e.std))
 
 
-class FrozenEncoder(nn.Module):
+class FrozenEncoder(Frozen):
     """Images in [-1, 1] (B, C, H, W) -> patch features (B, gh, gw, E); no gradients, eval mode."""
 
     def __init__(self, net: nn.Module, cfg: EncoderConfig):
         super().__init__()
-        self.net = net.eval().requires_grad_(False)
+        self.net = net
         self.cfg = cfg
         self.in_chans = int(getattr(net.patch_embed.proj, "in_channels", len(cfg.mean)))
         self.dim = int(net.num_features)
         patch = getattr(net.patch_embed, "patch_size", (1, 1))
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-
-    def train(self, mode: bool = True) -> "FrozenEncoder":
-        return super().train(False)  # stays frozen: no dropout, no norm-statistics updates
+        self.freeze()
 
     def resize_input(self, size: int) -> "FrozenEncoder":
         """Read images at `size` px (target_grid dino448: DINOv2 at 448 px has the 32 x 32 grid of a 256 px flow);
@@ -109,14 +108,7 @@ def create_timm(cfg: EncoderConfig, weights: Path | None) -> nn.Module:
 
 
 def save_encoder(net: nn.Module, cfg: EncoderConfig, directory: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp))
-    save_json(directory / CONFIG_FILE, asdict(cfg))
+    save_network(directory, net.state_dict(), asdict(cfg), WEIGHTS_FILE)
 
 
 def read_config(directory: str | Path) -> EncoderConfig:

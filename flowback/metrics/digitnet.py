@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import torch_fidelity
 from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from ..progress import progress as tqdm
 
-from ..io import FlowBackFileError, atomic_path, save_json
+from ..io import FlowBackFileError, save_json, save_network
+from ..progress import progress as tqdm
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -123,14 +123,7 @@ def accuracy(net: DigitNet, images_u8: np.ndarray | torch.Tensor, labels: np.nda
 
 def save_digitnet(net: DigitNet, directory: str | Path) -> None:
     """Write `model.safetensors` and `config.json` into `directory`, each atomically."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp))
-    save_json(directory / CONFIG_FILE, {"arch": "digitnet", **net.config})
+    save_network(directory, net.state_dict(), {"arch": "digitnet", **net.config}, WEIGHTS_FILE)
 
 
 def load_digitnet(directory: str | Path) -> DigitNet:

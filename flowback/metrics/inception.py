@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..frozen import Frozen
 from ..io import FlowBackFileError, load_torch
 
 # the file torch-fidelity downloads for "inception-v3-compat"; its name carries the sha256 prefix (torch.hub style)
@@ -57,22 +58,20 @@ def _torch_fidelity_inception(state_dict: dict) -> nn.Module:
     return FeatureExtractorInceptionV3(EXTRACTOR_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=buf)
 
 
-class InceptionFeatures(nn.Module):
+class InceptionFeatures(Frozen):
     """uint8 (B, 3 or 1, H, W) images -> {"pool", "logits", "spatial"}, the ADM suite's Inception features; frozen."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
-        self.net = net.eval().requires_grad_(False)
+        self.net = net
         self._spatial: torch.Tensor | None = None
         self.net.get_submodule(SPATIAL_MODULE).register_forward_hook(self._keep_spatial)
+        self.freeze()  # no batch-norm statistics updates
 
     def _keep_spatial(self, _module, _inputs, output: torch.Tensor) -> None:
         # first 7 channels, channels-last, flattened (h, w, c): ADM's `spatial[..., :7]` reshaped to (N, -1)
         out = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
         self._spatial = out.reshape(out.shape[0], -1).float()
-
-    def train(self, mode: bool = True) -> "InceptionFeatures":
-        return super().train(False)  # frozen: no batch-norm statistics updates
 
     @torch.no_grad()
     def features(self, x_u8: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -100,17 +99,12 @@ def save_for_pipeline(directory: str | Path) -> Path:
 
     The pipeline's metric network is always `{metrics.dir}/model.safetensors`, trained (DigitNet) or converted
     (Inception), so DVC tracks one file either way and evaluation never reads a pickle-format file."""
-    from safetensors.torch import save_file
-
-    from ..io import atomic_path, save_json, sha256_file
+    from ..io import save_network, sha256_file
 
     directory = Path(directory)
-    state = _load_state(directory / INCEPTION_FILE)
-    with atomic_path(directory / PIPELINE_FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    save_json(directory / "config.json", {"network": "inception", "converted_from": INCEPTION_FILE,
-                                          "sha256": sha256_file(directory / INCEPTION_FILE)})
-    return directory / PIPELINE_FILE
+    return save_network(directory, _load_state(directory / INCEPTION_FILE),
+                        {"network": "inception", "converted_from": INCEPTION_FILE,
+                         "sha256": sha256_file(directory / INCEPTION_FILE)}, PIPELINE_FILE)
 
 
 def load_inception(directory: str | Path) -> InceptionFeatures:

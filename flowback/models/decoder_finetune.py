@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FlowBackError
+from ..frozen import Frozen
 from ..io import FlowBackFileError, sha256_file
 from ..schedule import learning_rate
 from ..seeding import generator
@@ -98,7 +99,7 @@ def load_vgg_trunk(lpips_net: nn.Module, state: dict[str, torch.Tensor]) -> None
     lpips_net.load_state_dict(mapped, strict=True)
 
 
-class PerceptualLoss(nn.Module):
+class PerceptualLoss(Frozen):
     """STARFlow's perceptual terms, frozen: LPIPS-VGG and the MSE of ConvNeXt-S logits ("lpips-convnext_s").
 
     `forward(x, target)` takes images in [-1, 1] and returns the unweighted batch means {"lpips", "convnext"} of
@@ -131,10 +132,7 @@ class PerceptualLoss(nn.Module):
                     self.convnext.load_state_dict(_load_local(path), strict=True)
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> "PerceptualLoss":
-        return super().train(False)  # frozen; lpips' dropout must stay off
+        self.freeze()  # lpips' dropout must stay off
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}

@@ -449,13 +449,7 @@ class TARFlow(nn.Module):
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"config": self.cfg.to_dict(), "weights": self.state_dict()}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "TARFlow":
-        model = cls(FlowConfig.from_dict(state["config"]))
-        model.load_state_dict(state["weights"])
-        return model
+        return {"config": self.cfg.to_dict(), "weights": self.state_dict()}  # read back by checkpoints.load_flow
 
 
 def log_prob_from(out: FlowOutput) -> torch.Tensor:

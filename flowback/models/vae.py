@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..frozen import Frozen
 from ..io import FlowBackFileError, sha256_file
 
 HUB_VAE = "stabilityai/sd-vae-ft-ema"  # the paper's VAE; `flowback weights fetch` saves it locally
@@ -90,7 +91,7 @@ def vae_fingerprint(directory: str | Path) -> str:
     return h.hexdigest()
 
 
-class LatentCodec(nn.Module):
+class LatentCodec(Frozen):
     """Images in [-1, 1] <-> scaled latents, frozen, without gradients, in batches of `batch_size`.
 
     `encode` returns the posterior mean times `scale`, not a sample: the flow already adds its own training noise
@@ -100,12 +101,10 @@ class LatentCodec(nn.Module):
 
     def __init__(self, vae: nn.Module, scale: float = 0.18215, batch_size: int = 32):
         super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
+        self.vae = vae
         self.scale = float(scale)
         self.batch_size = int(batch_size)
-
-    def train(self, mode: bool = True) -> "LatentCodec":
-        return super().train(False)  # frozen: a parent's .train() must not switch it
+        self.freeze()
 
     @property
     def factor(self) -> int:
