@@ -28,7 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flowback.alignment.encoder import EncoderConfig  # noqa: E402
-from flowback.alignment.pretrain import class_variance_fraction, patch_features, train_encoder  # noqa: E402
+from flowback.alignment.pretrain import (  # noqa: E402
+    class_variance_fraction,
+    patch_features,
+    train_encoder,
+)
 from flowback.data.digits import load_digits_images, stratified_split  # noqa: E402
 from flowback.data.images import to_model  # noqa: E402
 from flowback.metrics.probe import fit_probe  # noqa: E402
@@ -63,8 +67,8 @@ def row(name: str, train_f: torch.Tensor, val_f: torch.Tensor, ytr: torch.Tensor
 def main(argv=None) -> None:
     import argparse
 
-    from tabulate import tabulate
     import timm
+    from tabulate import tabulate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from flowback.alignment.encoder import EncoderConfig, load_encoder, save_encoder
-from flowback.alignment.pretrain import (EncoderObjectiveError, class_variance_fraction, nt_xent, patch_features,
-                                         probe_accuracy, random_affine, train_encoder, train_encoder_simclr)
+from flowback.alignment.pretrain import (
+    EncoderObjectiveError,
+    class_variance_fraction,
+    nt_xent,
+    patch_features,
+    probe_accuracy,
+    random_affine,
+    train_encoder,
+    train_encoder_simclr,
+)
 from flowback.data.digits import load_digits_images
 from flowback.data.images import to_model
 

@@ -22,10 +22,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ..progress import progress as tqdm
 
 from ..data.images import to_model
 from ..errors import FlowBackError
+from ..progress import progress as tqdm
 from .encoder import EncoderConfig, preprocess
 
 
