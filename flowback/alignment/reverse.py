@@ -261,11 +261,12 @@ class DetachedKVCache:
 
 @contextmanager
 def _record_layers(blk, layers: frozenset[int], sink: dict[int, list[torch.Tensor]], on: list[bool]):
-    """Forward hooks that append the output of each layer in `layers` (1-indexed) to sink[l] while on[0] is True."""
+    """Forward hooks that append the output of each layer in `layers` (1-indexed) to sink[l] while on[0] is True,
+    without the class-token position (cond_token: it leads the first step's chunk, never a token's own)."""
     def hook(l):
         def fn(module, args, output):
             if on[0]:
-                sink[l].append(output)
+                sink[l].append(output[:, -1:])
         return fn
 
     handles = [blk.layers[l - 1].register_forward_hook(hook(l)) for l in layers]
