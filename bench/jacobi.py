@@ -37,9 +37,10 @@ sys.path.insert(0, str(ROOT))
 
 from measure import bench_parser, measure, mib  # noqa: E402
 
-from flowback.models.jacobi import Solver, block_metrics, gs_plan# noqa: E402
-from flowback.models.sampling import SampleStats, sample# noqa: E402
-from flowback.models.tarflow import FlowConfig, TARFlow# noqa: E402
+from flowback.checkpoints import load_flow, save_flow  # noqa: E402
+from flowback.models.jacobi import Solver, block_metrics, gs_plan  # noqa: E402
+from flowback.models.sampling import SampleStats, sample  # noqa: E402
+from flowback.models.tarflow import FlowConfig, TARFlow  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 CONFIGS = {
@@ -70,7 +71,7 @@ def trained_model(config: str, steps: int | None = None) -> TARFlow:
                      sort_keys=True)
     path = OUT / f"jacobi_{config}_{abs(hash_text(key)):x}.pt"
     if path.exists():
-        return TARFlow.from_state(torch.load(path, weights_only=True)).eval()
+        return load_flow(path)[0]
     torch.manual_seed(0)
     model = TARFlow(FlowConfig(**c["flow"]))
     x_all, y_all = digits(c["flow"]["image_size"])
@@ -91,7 +92,7 @@ def trained_model(config: str, steps: int | None = None) -> TARFlow:
     print(f"trained {config} model: {steps} steps in {time.perf_counter() - t0:.0f} s, final loss {loss.item():.3f} "
           f"nats/dim", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state(), path)
+    save_flow(path, model)
     return model.eval()
 
 
