@@ -130,6 +130,14 @@ class TrainSpec(Strict):
     seed: Seed = 0
 
 
+class EncoderTrainSpec(TrainSpec):
+    """How the default profile's alignment encoder is trained: with the labels (supervised), or without (simclr:
+    contrastive views of each image, flowback/alignment/pretrain.py), so its features are more than a class label."""
+
+    objective: Literal["supervised", "simclr"] = "supervised"
+    temperature: float = Field(0.1, gt=0, description="simclr: the NT-Xent temperature")
+
+
 class EncoderParams(Strict):
     """The frozen vision encoder whose patch features flow features are aligned to (DINOv2 in the paper).
 
@@ -144,7 +152,7 @@ class EncoderParams(Strict):
     input_size: int = Field(16, ge=8)
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
-    train: TrainSpec | None = None
+    train: EncoderTrainSpec | None = None
     hub: str | None = Field(None, description="timm name to fetch into dir, e.g. vit_base_patch14_dinov2.lvd142m")
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.augment import random_shift
 from ..data.images import to_model
 from ..errors import FlowBackError
 from ..progress import progress as tqdm
@@ -31,15 +32,6 @@ from .encoder import EncoderConfig, preprocess
 
 class EncoderObjectiveError(FlowBackError):
     """An encoder training objective FlowBack does not know."""
-
-
-def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Shift each image by up to max_shift pixels (edge padded): cheap augmentation for tiny data sets."""
-    B, _, H, W = x.shape
-    p = max_shift
-    padded = F.pad(x, (p, p, p, p), mode="replicate")
-    dy, dx = torch.randint(0, 2 * p + 1, (2, B), generator=g)
-    return torch.stack([padded[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
 
 
 OBJECTIVES = ("supervised", "simclr")

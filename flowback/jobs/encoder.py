@@ -34,7 +34,7 @@ def run(p: Params, progress: bool = True) -> str:
     import torch
 
     from ..alignment.encoder import EncoderConfig, load_encoder, save_encoder
-    from ..alignment.pretrain import probe_accuracy, train_encoder
+    from ..alignment.pretrain import class_variance_fraction, patch_features, probe_accuracy, train_encoder
     from ..data.manifest import load_split
     from ..io import save_json
     from ..runtime import configure
@@ -50,12 +50,16 @@ def run(p: Params, progress: bool = True) -> str:
     images, labels = (torch.from_numpy(a) for a in load_split(p, "train"))
     val_images, val_labels = (torch.from_numpy(a) for a in load_split(p, "val"))
     t0 = time.perf_counter()
-    net, head = train_encoder(images, labels, cfg, p.data.num_classes, ep.train.steps, ep.train.batch_size,
-                              ep.train.lr, ep.train.seed, show_progress=progress)
+    t = ep.train
+    net, head = train_encoder(images, labels, cfg, p.data.num_classes, t.steps, t.batch_size, t.lr, t.seed,
+                              show_progress=progress, objective=t.objective, temperature=t.temperature)
     seconds = time.perf_counter() - t0
     save_encoder(net, cfg, ep.dir)
     report = {"train_acc": probe_accuracy(net, head, cfg, images, labels),
-              "val_acc": probe_accuracy(net, head, cfg, val_images, val_labels), "steps": ep.train.steps}
+              "val_acc": probe_accuracy(net, head, cfg, val_images, val_labels), "steps": t.steps,
+              "objective": t.objective,
+              # how much of the patch features' variance the class explains (val): what alignment would inject
+              "class_variance": class_variance_fraction(patch_features(net, cfg, val_images), val_labels)}
     save_json(f"{ep.dir}/metrics.json", report)
     return (f"encoder {cfg.arch}: probe accuracy train {report['train_acc']:.3f}, val {report['val_acc']:.3f} "
             f"({seconds:.0f} s)")

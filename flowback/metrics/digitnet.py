@@ -20,6 +20,7 @@ import torch_fidelity
 from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from ..data.augment import random_shift
 from ..io import FlowBackFileError, save_json, save_network
 from ..progress import progress as tqdm
 
@@ -69,19 +70,6 @@ class DigitNet(nn.Module):
         return {"pool": pool, "logits": self.head(pool), "spatial": spatial}
 
 
-def _random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Shift each image by up to `max_shift` pixels (edge padding): cheap augmentation against overfitting."""
-    B, C, H, W = x.shape
-    p = max_shift
-    padded = F.pad(x, (p, p, p, p), mode="replicate")
-    dy = torch.randint(0, 2 * p + 1, (B,), generator=gen)
-    dx = torch.randint(0, 2 * p + 1, (B,), generator=gen)
-    rows = (dy[:, None] + torch.arange(H))[:, :, None]  # (B, H, 1)
-    cols = (dx[:, None] + torch.arange(W))[:, None, :]  # (B, 1, W)
-    out = padded[torch.arange(B)[:, None, None], :, rows, cols]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2)
-
-
 def train_digitnet(images_u8: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, steps: int,
                    batch_size: int, lr: float, seed: int, show_progress: bool = True, num_classes: int | None = None,
                    spatial_channels: int = 4) -> DigitNet:
@@ -102,7 +90,7 @@ def train_digitnet(images_u8: np.ndarray | torch.Tensor, labels: np.ndarray | to
     bar = tqdm(range(steps), desc="digitnet", disable=not show_progress, leave=False)
     for _ in bar:
         idx = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=gen)
-        x = _random_shift(net.preprocess(images[idx]), gen)
+        x = random_shift(net.preprocess(images[idx]), gen)
         loss = F.cross_entropy(net.head(net._trunk(x)[1]), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
