@@ -177,8 +177,9 @@ class TrainState:
         self.model = _on(TARFlow(flow_config(p)), device)
         hidden = p.align.projector_dim if self.spec else 0
         self.projectors = _on(make_projectors(self.spec, p.model.width, hidden, encoder_dim), device)
+        # fused: one kernel for every parameter (CPU and CUDA); the per-parameter loop took a fifth of a small step
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=tp.lr, betas=tuple(tp.betas),
-                                           weight_decay=tp.weight_decay)
+                                           weight_decay=tp.weight_decay, fused=device.type in ("cpu", "cuda"))
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if tp.ema_decay > 0 else None
         self.step, self.log = 0, []
         self.fingerprint = fingerprint(exp)
