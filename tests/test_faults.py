@@ -157,3 +157,32 @@ def test_sample_killed_with_sigkill_resumes_without_duplicates_or_gaps(tmp_path)
     assert (sb["arr_1"] == sa["arr_1"]).all() and (sb["arr_1"].reshape(60, 10) == range(10)).all()  # balanced
     assert (sa["arr_0"] == sb["arr_0"]).all()  # the same images: none duplicated, none missing, none redrawn
     assert not (run_b / "chunks").exists()
+
+
+class _Planted:  # an object a malicious or careless checkpoint might carry
+    pass
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("empty", "empty file"),
+    ("bytes", "not a checkpoint"),
+    ("truncated", "truncated"),
+    ("pickle", "refused: it contains pickled code"),
+])
+def test_a_damaged_checkpoint_is_named_in_plain_words(tmp_path, damage, words):
+    from flowback.io import FlowBackFileError
+
+    path = tmp_path / "model.pt"
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "bytes":
+        path.write_bytes(b"\x00\x01 random bytes, not torch's format" * 10)
+    elif damage == "truncated":
+        save_torch(path, {"w": torch.randn(256, 256)})
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        torch.save({"w": torch.zeros(2), "x": _Planted()}, path)
+    with pytest.raises(FlowBackFileError) as err:
+        load_torch(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and words in msg and "weights_only=False" not in msg, msg

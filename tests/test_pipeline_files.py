@@ -22,6 +22,14 @@ def test_the_committed_dvc_yaml_is_the_generated_one(pipeline):
     assert check_dvc_file(pipeline, ROOT / "dvc.yaml") is None, "run `python -m flowback pipeline`"
 
 
+def test_every_stage_has_its_command_line():
+    from flowback.jobs import NAMES
+
+    for name in NAMES:  # including stages that only some profiles enable (decoder)
+        text = (ROOT / "stages" / f"{name}.py").read_text()
+        assert f'main("{name}")' in text, name
+
+
 def test_every_stage_depends_on_its_whole_import_closure(pipeline):
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for inst in pipeline.instances:
@@ -80,3 +88,19 @@ def test_flowback_pipeline_check_says_when_dvc_yaml_is_stale(tmp_path):
     assert r.returncode == 2 and "dvc.yaml is out of date" in r.stderr and "extra" in r.stderr
     assert command("-m", "flowback", "pipeline", cwd=tmp_path).returncode == 0
     assert command("-m", "flowback", "pipeline", "--check", cwd=tmp_path).returncode == 0
+
+
+def test_dvc_exp_run_set_param_changes_only_that_line(tmp_path):
+    """`dvc exp run -S key=value` rewrites params.yaml through DVC's YAML round-trip: the file's layout must survive it
+    (block style, no flow mappings or quotes that DVC would re-wrap)."""
+    from dvc.utils.serialize import modify_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    with modify_yaml(str(path)) as d:
+        d["align"]["weight"] = 0.25
+        d["experiments"]["reverse_78"]["position"] = "7&8 layer 2"
+    before, after = (ROOT / "params.yaml").read_text().splitlines(), path.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 2, changed
+    assert "weight: 0.25" in changed[0][1] and "position: 7&8 layer 2" in changed[1][1]

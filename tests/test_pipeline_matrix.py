@@ -26,9 +26,10 @@ def runs(*stages, of=(B, R)):
     return {f"{s}_{r}" for s in stages for r in of}
 
 
-ALL = GLOBAL | runs("train", "sample", "evaluate") | {"table"}
-TRAIN_DOWN = runs("train", "sample", "evaluate") | {"table"}
-REVERSE_DOWN = runs("train", "sample", "evaluate", of=(R,)) | {"table"}
+RUN_STAGES = ("train", "sample", "evaluate", "probe")
+ALL = GLOBAL | runs(*RUN_STAGES) | {"table"}
+TRAIN_DOWN = runs(*RUN_STAGES) | {"table"}
+REVERSE_DOWN = runs(*RUN_STAGES, of=(R,)) | {"table"}
 
 PARAMS = [  # (key path, new value, expected)
     ("seed", 3, ALL),  # the digits' train/val split
@@ -40,6 +41,7 @@ PARAMS = [  # (key path, new value, expected)
     ("train.steps", 4, TRAIN_DOWN),
     ("align.weight", 0.25, REVERSE_DOWN),  # the baseline does not align: it must not retrain
     ("sample.per_class", 2, runs("sample", "evaluate") | {"table"}),
+    ("metrics.probe.C", 0.5, runs("probe") | {"table"}),
     ("experiments.reverse_78.position", "7&8 layer 1", REVERSE_DOWN),
     ("runtime.tf32", False, ALL - {"prepare"}),  # every stage that computes with torch
 ]
@@ -50,6 +52,7 @@ MODULES = [  # (file, expected)
     ("flowback/data/digits.py", ALL),
     ("flowback/models/sampling.py", runs("sample", "evaluate") | {"table"}),
     ("flowback/training.py", TRAIN_DOWN),
+    ("flowback/metrics/probe.py", runs("probe") | {"table"}),
     ("flowback/alignment/loss.py", TRAIN_DOWN),
 ]
 
