@@ -3,7 +3,8 @@
 - digits (the embedded default): scikit-learn's digits, upsampled, split by data.val_fraction (seeded by `seed`).
 - imagenet, data.format png: ImageNet from data.source, cropped to data.image_size (data.resize), decoded in
   data.workers processes.
-- data.format latent: VAE latents (flowback.data.latents.encode_dataset; multi-GPU with `torchrun -m stages.encode`).
+- data.format latent: VAE latents (flowback.data.latents.encode_dataset; on several GPUs: `torchrun --nproc_per_node
+  8 -m stages.prepare`, each rank encoding every 8th shard).
 
 Every shard is read back against the manifest at the end. Resumable: a re-run after a crash rewrites only what is
 missing or damaged.
