@@ -33,8 +33,8 @@ def check(path: str) -> int:
         exp = params.run(run)
         where = ", ".join(f"block {b} layer {l}" for b, l in exp.positions) or "-"
         kind = "af" if exp.family == "af" else exp.strategy
-        steps = (f"{exp.params.train.steps} steps" if exp.trains
-                 else f"{exp.milestone.of} at step {exp.milestone.step}")
+        train = exp.params.af.train if exp.family == "af" else exp.params.train
+        steps = f"{train.steps} steps" if exp.trains else f"{exp.milestone.of} at step {exp.milestone.step}"
         print(f"  {run:<20} {kind:<8} {exp.position or '-':<14} {steps:<28} -> {where}")
     return 0
 
