@@ -408,6 +408,7 @@ def test_prepare_stage_end_to_end(tmp_path, digits16, capsys):
     assert _files(d) == before
 
 
+@pytest.mark.slow
 def test_prepare_stage_errors_cleanly_and_repairs_damage(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("data: {image_size: 4}\n")

@@ -45,6 +45,7 @@ def test_write_error_in_json_keeps_the_previous_file(tmp_path, monkeypatch):
     assert fio.load_json(path) == {"fid": 1.0}
 
 
+@pytest.mark.slow
 def test_dead_writers_temporary_files_are_removed_by_the_next_writer(tmp_path):
     path = tmp_path / "state.pt"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

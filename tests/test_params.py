@@ -71,6 +71,7 @@ def test_latent_mode_needs_a_vae_directory():
         check(raw)
 
 
+@pytest.mark.slow
 def test_stage_stops_before_work_with_a_one_line_error(tmp_path):
     raw = default_raw()
     raw["train"]["lr"] = "fast"
@@ -82,6 +83,7 @@ def test_stage_stops_before_work_with_a_one_line_error(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_flowback_check_lists_the_grid():
     r = command("-m", "flowback", "check", "--params", str(ROOT / "params.yaml"))
     assert r.returncode == 0, r.stderr
@@ -100,6 +102,7 @@ def test_flowback_check_lists_the_grid():
     ("train:\n  seed: 4294967296\n", "train.seed"),
     ("experiments:\n  a: {strategy: none, seeds: [0, 0]}\n", "repeat a seed"),
 ])
+@pytest.mark.slow
 def test_params_meaning_something_else_are_one_line_errors(tmp_path, text, key):
     bad = tmp_path / "params.yaml"
     bad.write_text(text)
@@ -148,6 +151,7 @@ def test_a_stage_can_read_only_what_it_declares():
     ({"family": "af", "strategy": "reverse", "position": "7&8"}, "experiments.a: strategy 'reverse'"),
     ({"family": "af", "overrides": {"model": {"width": 32}}}, "overrides.model: a TARFlow setting"),
 ])
+@pytest.mark.slow
 def test_tarflow_settings_on_an_adversarial_flow_are_one_line_errors(tmp_path, entry, key):
     raw = default_raw()
     raw["experiments"] = {"a": entry}

@@ -66,6 +66,7 @@ def test_keys_chain_down_the_pipeline(pipeline):
     assert moved == {f"{s}_{r}" for s in ("train", "sample", "evaluate", "probe") for r in aligned} | {"table"}
 
 
+@pytest.mark.slow
 def test_snakemake_plans_the_same_instances_and_commands(tmp_path, pipeline):
     exe = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
     import subprocess
@@ -79,6 +80,7 @@ def test_snakemake_plans_the_same_instances_and_commands(tmp_path, pipeline):
         assert re.search(rf"^{rule}\s+{count}$", out, re.MULTILINE), rule
 
 
+@pytest.mark.slow
 def test_flowback_pipeline_check_says_when_dvc_yaml_is_stale(tmp_path):
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

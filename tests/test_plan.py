@@ -95,12 +95,14 @@ def test_world_size_reads_the_launcher():
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "lots", "nan"])
+@pytest.mark.slow
 def test_a_bad_gpu_memory_is_a_one_line_error(value):
     r = command("-m", "flowback", "plan", "--params", str(ROOT / "params.yaml"), f"--gpu-mem={value}")
     assert r.returncode == 2 and f"--gpu-mem {value!r}" in r.stderr and "e.g. --gpu-mem 80" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_flowback_plan_prints_a_table_and_the_max_peak(tmp_path):
     raw = default_raw()
     raw["experiments"] = {"baseline": {"strategy": "none"}}
