@@ -7,15 +7,16 @@ Speed rows, each solver timed in its own process (bench/measure.py), all on the 
   No guidance, no denoising. Batch 1 (one image: the latency regime parallel decoding is for) and batch 4 (the
   sampling bench's batch). Each row: images/s, speedup over sequential, max abs difference from the sequential
   sample (model space, pixels in [-1, 1]), parallel passes per block, sequential fallbacks.
-- FID: the default profile's baseline (results/runs/baseline/model.pt: 16 tokens, 8 blocks) sampled as the sample
-  stage does (100 per class, batch 500, the stage's per-chunk generators, denoising at noise_std 0.05) with each
+- FID: the default profile's baseline (results/runs/baseline-s0/model.pt: 16 tokens, 8 blocks) sampled like the sample
+  stage, unguided (100 per class, batch 500, the stage's per-chunk generators, denoising at noise_std 0.05) with each
   solver, and its FID against the digits reference with the project's metric network (the evaluate stage's code).
 The gs_jacobi plans come from GS-Jacobi's block metrics (CRM, IGM) on 256 training images.
-The last line is `jacobi speedup: N (max abs diff D)`: the faster parallel solver at batch 1 on digits32, by CPU time.
-Timed processes use --threads torch threads (default 1: on a 2-core machine shared with other jobs, a second
-OpenMP thread measures the scheduler more than the solver). With one thread the table also gives each solver's best
-process CPU time, the solvers interleaved in one process: wall-clock times on a loaded machine swing by a third from
-run to run, CPU time of a one-thread run is what its wall time would be on an idle machine.
+The last line is `jacobi speedup: N (max abs diff D)`: the faster parallel solver at batch 1 on digits32, by
+wall-clock time (by CPU time with --threads 1).
+Timed processes use --threads torch threads (default 0: torch's default, every core; a parallel pass uses them, a
+token step of the sequential solver is too small to). On a machine shared with other jobs, --threads 1 measures the
+solver rather than the scheduler: the table then also gives each solver's best process CPU time, the solvers
+interleaved in one process, which is what a one-thread run's wall time would be on an idle machine.
 
   python bench/jacobi.py --quick     # CPU; the first run also trains the 1024-token model (a few minutes, cached)
 """
@@ -141,7 +142,7 @@ def fid_rows(solvers: dict[str, Solver], results: Path) -> list[dict]:
     from flowback.metrics.reference import load_reference
     from flowback.sampler import sample_labels
 
-    model, _ = load_flow(results / "runs" / "baseline" / "model.pt")
+    model, _ = load_flow(results / "runs" / "baseline-s0" / "model.pt")
     net = load_feature_network("digitnet", results / "encoders" / "metric")
     ref = load_reference(results / "encoders" / "metric" / "reference" / "digits-train.npz")
     labels = torch.from_numpy(sample_labels(10, 100))
@@ -212,9 +213,9 @@ def speed_rows(config: str, solvers: dict[str, Solver], batch: int, device: str,
 def main(argv=None) -> float:
     ap = bench_parser(__doc__, CONFIGS)
     ap.add_argument("--results", default=str(ROOT / "results"), help="results dir with the default profile's "
-                    "runs/baseline/model.pt and encoders/metric (default: this checkout's)")
+                    "runs/baseline-s0/model.pt and encoders/metric (default: this checkout's)")
     ap.add_argument("--no-fid", action="store_true", help="skip the default-profile FID rows")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in each timed process (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in each timed process (0: torch's default)")
     args = ap.parse_args(argv)
     config = args.config or ("quick" if args.quick else "cpu")
     c = CONFIGS[config]
@@ -234,6 +235,8 @@ def main(argv=None) -> float:
         "gs_jacobi (CRM/IGM plan)": gs,
         f"gs_jacobi (window {c['window']})": Solver("gs_jacobi", tol=c["tol"], window=c["window"],
                                                      max_iters=c["window"]),
+        # Jacobi over the whole block that commits its converged leading tokens and stops recomputing them
+        "gs_jacobi (window = block)": Solver("gs_jacobi", tol=c["tol"], window=tokens, max_iters=tokens),
     }
     table = {b: speed_rows(config, solvers, b, args.device, args.threads) for b in (1, c["batch"])}
     cpu = all("cpu_seconds" in r for rows in table.values() for r in rows.values())
@@ -253,15 +256,15 @@ def main(argv=None) -> float:
           "when its passes per block times the cost of a pass in steps stays below the tokens per block)")
     print(f"gs_jacobi plan: segments {gs.segments}, max_iters {gs.max_iters}, init {gs.init}, tol {gs.tol:g}")
     results = Path(args.results)
-    if not args.no_fid and (results / "runs" / "baseline" / "model.pt").exists():
+    if not args.no_fid and (results / "runs" / "baseline-s0" / "model.pt").exists():
         from flowback.checkpoints import load_flow
 
-        base, _ = load_flow(results / "runs" / "baseline" / "model.pt")
+        base, _ = load_flow(results / "runs" / "baseline-s0" / "model.pt")
         gs16, m16 = plan(base, base.cfg.image_size, dict(c, segments=4))
         print("baseline block metrics: " + "; ".join(f"block {m.block}: CRM {m.crm:.2f}" for m in m16))
         fid = fid_rows({"sequential (KV cache)": Solver(), "jacobi": Solver("jacobi", tol=c["tol"], max_iters=16),
                         "gs_jacobi (CRM/IGM plan)": gs16}, results)
-        print("\nFID on the default profile (results/runs/baseline/model.pt, 16 tokens, 1000 samples, batch 500, "
+        print("\nFID on the default profile (results/runs/baseline-s0/model.pt, 16 tokens, 1000 samples, batch 500, "
               "denoised):")
         print("\n| solver | FID | FID change | seconds (1000 images) | max abs diff | passes per block and batch |\n"
               "|---|---|---|"
@@ -270,7 +273,7 @@ def main(argv=None) -> float:
             print(f"| {r['solver']} | {r['fid']:.3f} | {r['fid'] - fid[0]['fid']:+.4f} | {r['seconds']:.2f} | "
                   f"{r['max_abs_diff']:.1e} | {', '.join(f'{k}:{v}' for k, v in r['passes'].items()) or '-'} |")
     elif not args.no_fid:
-        print(f"\nFID rows skipped: no {results / 'runs' / 'baseline' / 'model.pt'} (run the default profile first)")
+        print(f"\nFID rows skipped: no {results / 'runs' / 'baseline-s0' / 'model.pt'} (run the default profile first)")
     rows = table[1]
     key = "cpu_seconds" if cpu else "seconds"
     best = min((k for k in rows if not k.startswith("sequential")), key=lambda k: rows[k][key])
