@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .tarflow import PatchGeometry, TARFlow, sincos_2d
+from .tarflow import TARFlow, sincos_2d
 from .transformer import MLP, Attention
 
 TIME_FREQS = 256  # DiT's sinusoidal time features
@@ -39,7 +39,7 @@ TIME_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000, the scale DiT's embe
 
 
 @dataclass(frozen=True)
-class AFConfig(PatchGeometry):
+class AFConfig:
     channels: int
     image_size: int
     patch_size: int
@@ -71,6 +71,22 @@ class AFConfig(PatchGeometry):
     @property
     def time_input(self) -> bool:
         return self.steps > 1 or self.any_step
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2
+
+    @property
+    def token_dim(self) -> int:
+        return self.channels * self.patch_size**2
+
+    @property
+    def dims(self) -> int:
+        return self.channels * self.image_size**2
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -47,28 +47,8 @@ INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(INV_SOFTPLUS_1) = 1: a softplu
 STARFLOW_DEFAULTS = {"start_token": False, "final_norm": False, "scale": "exp", "soft_clip": 0.0, "cond_token": False}
 
 
-class PatchGeometry:
-    """Sizes that follow from channels, image_size and patch_size (shared by the flow's and the generator's configs)."""
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid**2
-
-    @property
-    def token_dim(self) -> int:
-        return self.channels * self.patch_size**2
-
-    @property
-    def dims(self) -> int:
-        return self.channels * self.image_size**2
-
-
 @dataclass(frozen=True)
-class FlowConfig(PatchGeometry):
+class FlowConfig:
     channels: int
     image_size: int
     patch_size: int
@@ -100,6 +80,22 @@ class FlowConfig(PatchGeometry):
             raise ValueError(f"scale must be 'exp' or 'softplus', got {self.scale!r}")
         if self.soft_clip < 0:
             raise ValueError(f"soft_clip must be >= 0 (0 = off), got {self.soft_clip}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2
+
+    @property
+    def token_dim(self) -> int:
+        return self.channels * self.patch_size**2
+
+    @property
+    def dims(self) -> int:
+        return self.channels * self.image_size**2
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
