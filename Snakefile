@@ -1,126 +1,74 @@
-# Snakemake view of the pipeline in dvc.yaml: both come from flowback.pipeline, which reads params.yaml and the
-# stages' declarations in flowback/jobs/ (same commands, same inputs, same params). `snakemake -j8 ablation_table`
-# runs the whole grid; `snakemake -j2 experiment_<name>` one experiment (every seed); another params file:
-# `snakemake --config params=profiles/imagenet64.yaml ...`.
+# Snakemake view of the pipeline in dvc.yaml: both come from flowback.pipeline, which reads params.yaml and the stage
+# declarations in flowback/stages/ (same commands, inputs, outputs and params). One rule per stage instance, built in
+# one loop; its outputs are the files the stage writes, so any of them is a target:
+#   snakemake -j2 ablation_table                             the whole grid
+#   snakemake -j2 results/runs/baseline-s0/metrics.json      one run's chain, as far as that file
+#   snakemake -j2 experiment_reverse_78                      one experiment, every seed
+#   snakemake -j2 ablation_table --config params=profiles/imagenet64.yaml     (targets before --config)
 #
-# What reruns is decided by key files, exactly as DVC decides (see flowback/pipeline.py): each stage instance's key
-# hashes its command, the params it reads, its code and its upstream keys, and the stage writes
-# <results>/stamps/<instance>.<key>.key when it finishes (under either engine). A rule's output is that file, so a
-# changed param or code file means a missing key file: the instance and everything downstream run, in a fresh clone
-# too. Inputs are ancient() and profiles/default turns off Snakemake's metadata triggers: file times and
-# .snakemake/ history play no part. Threads come from params (runtime.threads), never from the environment.
+# What reruns is decided by key files, exactly as DVC decides (flowback/pipeline.py): each instance's key hashes its
+# command, the params it reads, its code and its upstream keys, and the stage writes <results>/stamps/<name>.<key>.key
+# when it finishes (under either engine). That file is one of the rule's outputs, so a changed param or code file
+# means a missing output: the instance and everything downstream run, in a fresh clone too. Inputs are ancient() and
+# profiles/default sets the rerun triggers to file times only: .snakemake/ history plays no part. Threads come from
+# params (runtime.threads), never from the environment.
 from flowback.pipeline import Pipeline
 
 P = Pipeline.load(config.get("params", "params.yaml"))
 THREADS = max(1, P.params.runtime.threads)
-RUNS = P.params.runs()
-STAMPS = str(P.params.results_dir / "stamps")
+LOGS = str(P.params.results_dir / "logs")
 
 
-def stamp(stage, run=None):
-    return str(P.stamp(P.instance(stage, run)))
+def rule_name(inst):
+    return inst.name.replace("-", "_")
 
 
-def needs(stage, run=None):
-    """The key files of the instances this one reads the outputs of."""
-    inst = P.instance(stage, run)
-    return [ancient(str(P.stamp(P.by_name[u]))) for u in P.upstream(inst)]
+def outputs(inst):
+    """The files the engines see the instance write (a directory as such), and its key file. Outputs that must
+    persist (fetched weights the stage only checks) are left out: Snakemake deletes a rule's outputs before it runs."""
+    files = [directory(p) if P.is_directory(p) else p for p in P.outputs(inst) if p not in inst.outputs.persist]
+    return files + [str(P.stamp(inst))]
+
+
+PERSIST = {p for i in P.instances for p in i.outputs.persist}
+
+
+def inputs(inst):
+    """What the instance reads: its input files (those that persist are not rule outputs: their writer's key file
+    stands for them) and the key files of the instances that write them."""
+    ups = [P.by_name[u] for u in P.upstream(inst)]
+    return [ancient(p) for p in inst.inputs if p not in PERSIST] + [ancient(str(P.stamp(u))) for u in ups]
+
+
+def report_or_file(inst, path):
+    """A file the stage puts in `snakemake --report` (with its caption from report/), or the plain path."""
+    caption = inst.outputs.report.get(path)
+    return report(path, caption=f"report/{caption}", category="results") if caption else path
+
+
+RESOURCES = config.get("stage_resources", {})  # per stage, from profiles/slurm/resources.yaml (SLURM runs)
 
 
 localrules: ablation_table
 
 
-wildcard_constraints:
-    run="|".join(RUNS) or "-",
-    key="[0-9a-f]{16}",
-
-
 rule ablation_table:
-    input:
-        stamp("table"),
+    input: outputs(P.instance("table"))
 
 
 for _name in P.params.experiments:
     rule:
         name: f"experiment_{_name}"
-        input: [str(P.stamp(i)) for i in P.instances if i.stage in ("evaluate", "probe") and i.run.rpartition("-s")[0] == _name]
+        input: [p for i in P.instances if i.run and i.run.rpartition("-s")[0] == _name for p in outputs(i)]
 
 
-rule prepare:
-    input: lambda w: needs("prepare")
-    output: f"{STAMPS}/prepare.{{key}}.key"
-    threads: THREADS
-    params: cmd=lambda w: P.cmd(P.instance("prepare"))
-    shell: "{params.cmd}"
-
-
-rule encoder:
-    input: lambda w: needs("encoder")
-    output: f"{STAMPS}/encoder.{{key}}.key"
-    threads: THREADS
-    params: cmd=lambda w: P.cmd(P.instance("encoder"))
-    shell: "{params.cmd}"
-
-
-rule metricnet:
-    input: lambda w: needs("metricnet")
-    output: f"{STAMPS}/metricnet.{{key}}.key"
-    threads: THREADS
-    params: cmd=lambda w: P.cmd(P.instance("metricnet"))
-    shell: "{params.cmd}"
-
-
-rule reference:
-    input: lambda w: needs("reference")
-    output: f"{STAMPS}/reference.{{key}}.key"
-    threads: THREADS
-    params: cmd=lambda w: P.cmd(P.instance("reference"))
-    shell: "{params.cmd}"
-
-
-rule decoder:
-    input: lambda w: needs("decoder")
-    output: f"{STAMPS}/decoder.{{key}}.key"
-    threads: THREADS
-    params: cmd=lambda w: P.cmd(P.instance("decoder"))
-    shell: "{params.cmd}"
-
-
-rule train:
-    input: lambda w: needs("train", w.run)
-    output: f"{STAMPS}/train_{{run}}.{{key}}.key"
-    threads: THREADS
-    params: cmd=lambda w: P.cmd(P.instance("train", w.run))
-    shell: "{params.cmd}"
-
-
-rule sample:
-    input: lambda w: needs("sample", w.run)
-    output: f"{STAMPS}/sample_{{run}}.{{key}}.key"
-    threads: THREADS
-    params: cmd=lambda w: P.cmd(P.instance("sample", w.run))
-    shell: "{params.cmd}"
-
-
-rule evaluate:
-    input: lambda w: needs("evaluate", w.run)
-    output: f"{STAMPS}/evaluate_{{run}}.{{key}}.key"
-    threads: THREADS
-    params: cmd=lambda w: P.cmd(P.instance("evaluate", w.run))
-    shell: "{params.cmd}"
-
-
-rule probe:
-    input: lambda w: needs("probe", w.run)
-    output: f"{STAMPS}/probe_{{run}}.{{key}}.key"
-    threads: THREADS
-    params: cmd=lambda w: P.cmd(P.instance("probe", w.run))
-    shell: "{params.cmd}"
-
-
-rule table:
-    input: lambda w: needs("table")
-    output: f"{STAMPS}/table.{{key}}.key"
-    threads: 1
-    params: cmd=lambda w: P.cmd(P.instance("table"))
-    shell: "{params.cmd}"
+for _inst in P.instances:
+    rule:
+        name: rule_name(_inst)
+        input: inputs(_inst)
+        output: [report_or_file(_inst, p) if isinstance(p, str) else p for p in outputs(_inst)]
+        log: f"{LOGS}/{_inst.name}.log"
+        threads: THREADS if _inst.stage != "table" else 1
+        resources: **RESOURCES.get(_inst.stage, {})
+        params: cmd=P.cmd(_inst)
+        shell: "{params.cmd} 2>&1 | tee {log}"

@@ -56,7 +56,7 @@ def pixel_patches(images_u8: torch.Tensor, patch: int) -> torch.Tensor:
 def row(name: str, train_f: torch.Tensor, val_f: torch.Tensor, ytr: torch.Tensor, yva: torch.Tensor,
         seconds: float | None) -> dict:
     tr, va, ytr_np, yva_np = train_f.double().numpy(), val_f.double().numpy(), ytr.numpy(), yva.numpy()
-    probe, _ = fit_probe(tr.mean(1), ytr_np, va.mean(1), yva_np)
+    probe, _ = fit_probe(tr.mean(1), ytr_np, (va.mean(1),), (yva_np,))
     tokens = lambda f: f.reshape(-1, f.shape[-1])  # noqa: E731
     return {"features": name, "train (s)": "-" if seconds is None else f"{seconds:.0f}",
             "probe": f"{probe:.3f}", "knn": f"{knn_accuracy(tr.mean(1), ytr_np, va.mean(1), yva_np):.3f}",

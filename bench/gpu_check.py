@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flowback.builders import flow_config  # noqa: E402
-from flowback.training import align_spec  # noqa: E402
+from flowback.alignment.objective import Objective, align_spec  # noqa: E402
 from flowback.params import load_params  # noqa: E402
 from flowback.plan.classifier import classifier_pass, plan_classifier  # noqa: E402
 from flowback.plan.measure import GIB, H100_BF16_TFLOPS  # noqa: E402
@@ -69,7 +69,7 @@ def peak_and_time(fn, device, warmup: int, repeat: int) -> tuple[int, float]:
 
 
 def train_case(exp, device, compile_: bool, world: int):
-    from flowback.training import Objective, TrainState, checkpoint_layers
+    from flowback.training import TrainState, checkpoint_layers
 
     c = plan_train(exp, world)
     m = c.value
@@ -78,7 +78,7 @@ def train_case(exp, device, compile_: bool, world: int):
     state = TrainState(exp, enc_dim, device)
     if c.checkpointing:
         checkpoint_layers(state.model)
-    obj = Objective(state.model, state.projectors, spec, exp.params.align.weight if spec else 0.0)
+    obj = Objective.of(exp, state.model, state.projectors)
     step_fn = torch.compile(obj) if compile_ else obj
     cfg = state.model.cfg
     x = torch.rand(m, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
@@ -105,7 +105,7 @@ def train_case(exp, device, compile_: bool, world: int):
 
 
 def sample_case(exp, device):
-    from flowback.sampler import guidance
+    from flowback.models.guidance import Guidance
     from flowback.models.sampling import sample
     from flowback.models.tarflow import TARFlow
 
@@ -116,7 +116,7 @@ def sample_case(exp, device):
     dtype = torch.bfloat16 if sp.dtype == "bfloat16" else None
 
     def run():
-        sample(model, y, guidance=guidance(sp.guidance), denoise_sigma=exp.params.model.noise_std, dtype=dtype)
+        sample(model, y, guidance=Guidance.of(sp.guidance), denoise_sigma=exp.params.model.noise_std, dtype=dtype)
 
     peak, seconds = peak_and_time(run, device, warmup=0, repeat=1)
     return f"batch {c.value}", peak, denoise_pass(exp, c.value).peak, seconds, denoise_pass(exp, c.value).flops, 0.0

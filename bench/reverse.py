@@ -33,7 +33,7 @@ from flowback.alignment.positions import parse_position# noqa: E402
 from flowback.alignment.strategies import AlignSpec# noqa: E402
 from flowback.alignment.reverse import exact_reverse_features, newest_reverse_features  # noqa: E402
 from flowback.models.tarflow import FlowConfig, TARFlow  # noqa: E402
-from flowback.training import make_projectors, objective  # noqa: E402
+from flowback.alignment.objective import make_projectors, objective  # noqa: E402
 
 CONFIGS = {
     # name: flow config kwargs, batch, encoder (timm vit kwargs + input size)

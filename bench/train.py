@@ -42,9 +42,9 @@ from flowback.alignment.strategies import AlignSpec# noqa: E402
 from flowback.models.guidance import Guidance# noqa: E402
 from flowback.models.sampling import sample# noqa: E402
 from flowback.models.tarflow import FlowConfig, TARFlow# noqa: E402
-from flowback.params import parse_position  # noqa: E402
+from flowback.alignment.positions import parse_position  # noqa: E402
 from flowback.plan.measure import register_cpu_attention_flops  # noqa: E402
-from flowback.training import make_projectors, objective  # noqa: E402
+from flowback.alignment.objective import make_projectors, objective  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
 SAMPLES_FOR_FID = 50_000

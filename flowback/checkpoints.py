@@ -13,35 +13,10 @@ def save_flow(path: str | Path, model: TARFlow, **meta: Any) -> None:
     save_torch(path, {**model.state(), "meta": meta})
 
 
-def save_generator(path: str | Path, generator, **meta: Any) -> None:
-    """An adversarial flow's generator (flowback/models/af.py), marked as such so load_flow refuses it clearly."""
-    save_torch(path, {"family": "af", **generator.state(), "meta": meta})
-
-
 def family_of(path: str | Path) -> str:
     """`af` for an adversarial flow's generator, `tarflow` for a flow (what the checkpoint says it holds)."""
     state = load_torch(path)
     return state.get("family", "tarflow") if isinstance(state, dict) else "tarflow"
-
-
-def load_generator(path: str | Path, expected=None, device: str = "cpu"):
-    """An adversarial flow's generator for sampling (eval, frozen); another config is an error naming the file."""
-    from .models.af import AFConfig, Generator
-
-    state = load_torch(path, map_location=device)
-    if not isinstance(state, dict) or state.get("family") != "af":
-        raise FlowBackFileError(f"{path}: not an adversarial flow generator checkpoint")
-    try:
-        cfg = AFConfig.from_dict(state["config"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise FlowBackFileError(f"{path}: invalid generator config in checkpoint ({e})") from e
-    if expected is not None and cfg != expected:
-        raise FlowBackFileError(f"{path}: checkpoint is from another generator configuration ({cfg} vs {expected})")
-    try:
-        model = Generator.from_state(state)
-    except RuntimeError as e:
-        raise FlowBackFileError(f"{path}: weights do not fit the generator config ({e})") from e
-    return model.to(device).eval().requires_grad_(False), state.get("meta", {})
 
 
 def load_flow(path: str | Path, expected: FlowConfig | None = None, device: str = "cpu") -> tuple[TARFlow, dict]:

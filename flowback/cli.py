@@ -1,5 +1,6 @@
-"""`flowback` command: checks that need no stage run, the memory plan, the pipeline files, and pretrained weights.
+"""`flowback` command: the stages, checks that need no stage run, the memory plan, the pipeline files, and weights.
 
+  flowback stage NAME [RUN] [--params F]           run one stage (RUN = <experiment>-s<seed> for per-run stages)
   flowback check [--params params.yaml]            validate every key and every experiment row, print the grid
   flowback plan [--params F] [--gpu-mem GiB]       per-GPU memory, FLOPs and GPU-hours of every stage, measured
   flowback pipeline [--params F] [--check]         write dvc.yaml from params.yaml and the code (or check it)
@@ -18,24 +19,15 @@ from .params import load_params
 
 
 def check(path: str) -> int:
+    from .families import family
+
     params = load_params(path)
-    m, g = params.model, params.af.generator
-    families = {e.family for e in params.experiments.values()}
-    parts = []
-    if "tarflow" in families:
-        parts.append(f"flow: {m.blocks} blocks x {m.layers_per_block()} layers, width {m.width}, patch {m.patch_size}, "
-                     f"{params.train.steps} training steps")
-    if "af" in families:
-        parts.append(f"adversarial flow: DiT width {g.width} x {g.depth}, patch {g.patch_size}, "
-                     f"{params.af.train.steps} training steps")
-    print(f"{path}: valid. {'; '.join(parts)}; {len(params.runs())} runs.")
+    print(f"{path}: valid; {len(params.runs())} runs.")
     for run in params.runs():
         exp = params.run(run)
-        where = ", ".join(f"block {b} layer {l}" for b, l in exp.positions) or "-"
-        kind = "af" if exp.family == "af" else exp.strategy
-        train = exp.params.af.train if exp.family == "af" else exp.params.train
-        steps = f"{train.steps} steps" if exp.trains else f"{exp.milestone.of} at step {exp.milestone.step}"
-        print(f"  {run:<20} {kind:<8} {exp.position or '-':<14} {steps:<28} -> {where}")
+        what = family(exp.family).describe(exp) if exp.trains else (
+            f"{exp.strategy:<8} {exp.position or '-':<14} reads {exp.milestone.of} at step {exp.milestone.step}")
+        print(f"  {run:<24} {what}")
     return 0
 
 
@@ -111,7 +103,7 @@ def data_verify(path: str) -> int:
         print(f"{d}: {split}: {s['count']} samples in {s['shards']} shards verified{skipped}")
     if stale:
         print(f"flowback: error: {d / MANIFEST}: the shards are intact but were prepared with other settings than "
-              f"{path} ({'; '.join(stale)}); re-run `python -m stages.prepare`", file=sys.stderr)
+              f"{path} ({'; '.join(stale)}); re-run `python -m flowback stage prepare`", file=sys.stderr)
         return 2
     return 0
 
@@ -119,6 +111,13 @@ def data_verify(path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowback", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    p_stage = sub.add_parser("stage", help="run one stage of the pipeline (what dvc and snakemake call)")
+    p_stage.add_argument("name", help="the stage (flowback/stages/NAME.py)")
+    # a positional run, not `--run`: torchrun's own options would take `--run` for an abbreviation of --run-path
+    p_stage.add_argument("run", nargs="?", help="for per-run stages: <experiment>-s<seed>, e.g. baseline-s0 (or the "
+                                                 "experiment's name when it has one seed)")
+    p_stage.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p_stage.add_argument("--quiet", action="store_true", help="no progress bars")
     p_check = sub.add_parser("check", help="validate params.yaml and list the experiment grid")
     p_check.add_argument("--params", default="params.yaml")
     p_plan = sub.add_parser("plan", help="per-GPU memory, FLOPs and GPU-hours of every stage, measured on the code")
@@ -146,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     p_data.add_argument("action", choices=["verify"])
     p_data.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
+    if args.command == "stage":
+        from .runner import main as run_stage
+        from .stages import stages
+
+        if args.name not in stages():
+            parser.error(f"no stage {args.name!r}; stages: {', '.join(stages())}")
+        return run_stage(args.name, args.run, args.params, progress=not args.quiet)
     try:
         if args.command == "weights":
             return weights(args)

@@ -6,3 +6,7 @@ Stages print these as one clear line and exit non-zero; anything else is a bug a
 
 class FlowBackError(Exception):
     """An error caused by the input or the run, with a message that says what to fix."""
+
+
+class ParamsError(FlowBackError, ValueError):
+    """A params file is invalid; the message names every offending key by its path."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .params import ParamsError, RuntimeParams
+from .errors import ParamsError
+from .params.schema import RuntimeParams
 
 
 def device(name: str) -> torch.device:

@@ -15,11 +15,10 @@ import pandas as pd
 from .alignment.positions import position_label
 
 MISSING = "—"
-STRATEGY_NAMES = {"none": "TARFlow baseline", "forward": "Forward", "detach": "Detach", "reverse": "Reverse"}
 # (metrics.json key, column, decimals)
 ABLATION_COLUMNS = [("fid", "FID", 2), ("sfid", "sFID", 2), ("is", "IS", 2), ("cond_acc", "Cond. acc. (%)", 1),
-                    ("acc", "Acc. (%)", 2), ("probe_acc", "Probe acc. (%)", 1), ("images_per_second", "Sampling img/s", 0)]
-TIMING_KEYS = {"images_per_second"}  # read from the runs' sample_timing.json, not from metrics.json
+                    ("acc", "Acc. (%)", 2), ("acc_exhaustive", "Acc. exhaustive (%)", 2),
+                    ("probe_acc", "Probe acc. (%)", 1)]
 
 
 def _spread(values: list[float]) -> tuple[float, float, int]:
@@ -31,8 +30,8 @@ def _spread(values: list[float]) -> tuple[float, float, int]:
 
 
 def ablation_frame(rows: list[dict]) -> pd.DataFrame:
-    """rows: {experiment, strategy, position, runs: [metrics dict or None per seed], [timings: [sample timing dicts]],
-    [label], [layer_base]} -> the ablation table (`label` names a row of another model family, e.g. the adversarial flow).
+    """rows: {experiment, label (the family's description of it), position, runs: [metrics dict or None per seed],
+    [layer_base]} -> the ablation table.
 
     Numbers per metric: `<col>` (mean over the evaluated seeds, NaN = missing), `<col> std` and `Seeds` (evaluated
     / planned)."""
@@ -40,11 +39,10 @@ def ablation_frame(rows: list[dict]) -> pd.DataFrame:
     for r in rows:
         runs = r.get("runs") or []
         done = [m for m in runs if m]
-        timings = [t for t in r.get("timings") or [] if t]
-        rec = {"Experiment": r["experiment"], "Strategy": r.get("label") or STRATEGY_NAMES[r["strategy"]],
+        rec = {"Experiment": r["experiment"], "Strategy": r["label"],
                "Alignment position": position_label(r["position"], r.get("layer_base", 1)), "Seeds": f"{len(done)}/{len(runs)}"}
         for key, col, _ in ABLATION_COLUMNS:
-            mean, std, _ = _spread([m.get(key) for m in (timings if key in TIMING_KEYS else done)])
+            mean, std, _ = _spread([m.get(key) for m in done])
             rec[col], rec[f"{col} std"] = mean, std
         records.append(rec)
     return pd.DataFrame.from_records(records)

@@ -1,12 +1,13 @@
 """Training a flow with optional representation alignment: deterministic, resumable, crash-safe, memory-planned.
 
 The loop is a few named parts:
-- `TrainState`: model, projectors, optimizer, EMA, step and log; it fingerprints, saves and restores itself.
+- `TrainState`: model, projectors, optimizer, EMA, step and log, under the run's fingerprint; it saves and restores
+  itself (the loss is flowback/alignment/objective.py's `Objective.of(experiment)`).
 - a `Batches` source (flowback/data/batches.py): `get(step)` is this rank's share of step s's global batch.
 - `step_inputs`: the noise and label drop of step s, drawn for the global batch on the device and sliced to this rank,
   so 1 and N processes train on the same noisy global batches.
 - `StepPlan`: the rank's share split into micro-batches (gradient accumulation) with or without per-layer activation
-  checkpointing, as the memory plan (flowback/plan.py) chooses; k micro-batches give the gradient of one batch.
+  checkpointing, as the memory plan (flowback/plan/) chooses; k micro-batches give the gradient of one batch.
 
 Determinism: every random draw of step s comes from `derive_seed(stream, seed, s)`, and batches walk seeded
 per-epoch permutations, so a run resumed from a checkpoint takes exactly the steps an uninterrupted run would: on CPU
@@ -24,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +35,14 @@ import torch
 from torch import nn
 
 from .alignment.encoder import FrozenEncoder
-from .alignment.loss import Projector, combine_positions, encoder_input_size, position_loss, target_tokens
-from .alignment.strategies import AlignSpec, alignment_features
+from .alignment.objective import AlignTargets, Objective, align_spec, make_projectors
 from .builders import flow_config
 from .checkpoints import save_flow
 from .data.batches import Batch, Batches
-from .data.images import to_model
 from .distributed import barrier, broadcast_int
 from .errors import FlowBackError
 from .io import FlowBackFileError, load_torch, save_torch
-from .models.tarflow import TARFlow, bits_per_dim, latent_norm_penalty
+from .models.tarflow import TARFlow, bits_per_dim
 from .models.transformer import Layer
 from .params import Experiment
 from .progress import progress as tqdm
@@ -55,52 +52,6 @@ from .seeding import derive_seed, generator
 
 class TrainingError(FlowBackError):
     """Training cannot go on (non-finite loss, mismatched resume state); the message says what to do."""
-
-
-# ------------------------------------------------------------------------------------------------------ objective
-def align_spec(exp: Experiment) -> AlignSpec | None:
-    """The experiment's alignment: strategy, positions and the reverse gradient's variant (None: no alignment)."""
-    if exp.strategy == "none":
-        return None
-    a = exp.params.align
-    return AlignSpec(exp.strategy, tuple(exp.positions), reverse_grad=a.reverse_grad, reverse_tol=a.reverse_tol)
-
-
-def make_projectors(spec: AlignSpec | None, width: int, hidden: int, enc_dim: int) -> nn.ModuleDict:
-    if spec is None:
-        return nn.ModuleDict()
-    return nn.ModuleDict({AlignSpec.key(p): Projector(width, hidden, enc_dim) for p in spec.positions})
-
-
-def objective(model: TARFlow, projectors: nn.ModuleDict, spec: AlignSpec | None, x: torch.Tensor, y: torch.Tensor,
-              targets: torch.Tensor | None, weight: float, latent_weight: float = 0.0,
-              reduce: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's loss = NLL (nats/dim) + weight * the alignment loss over positions (their mean or sum, `reduce`)
-    (+ latent_weight * STARFlow's latent-norm term); returns (loss, nll, align)."""
-    out = model(x, y, keep=spec.forward_keep if spec else None, keep_inputs=bool(spec and spec.needs_block_inputs))
-    nll = model.nll_per_dim(out)
-    base = nll + latent_weight * latent_norm_penalty(out) if latent_weight else nll
-    if spec is None:
-        return base, nll, torch.zeros((), device=x.device)
-    feats = alignment_features(model, out, model.conditions(y, None, len(x)), spec)
-    align = combine_positions([position_loss(projectors[AlignSpec.key(k)], h, targets) for k, h in feats.items()],
-                              reduce)
-    return base + weight * align, nll, align
-
-
-class Objective(nn.Module):
-    """The whole training loss as one module, so DDP sees every parameter used inside one forward call (the
-    alignment strategies call into the flow's blocks again after its forward pass)."""
-
-    def __init__(self, model: TARFlow, projectors: nn.ModuleDict, spec: AlignSpec | None, weight: float,
-                 latent_weight: float = 0.0, reduce: str = "mean"):
-        super().__init__()
-        self.model, self.projectors, self.spec, self.weight = model, projectors, spec, weight
-        self.latent_weight, self.reduce = latent_weight, reduce
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None):
-        return objective(self.model, self.projectors, self.spec, x, y, targets, self.weight, self.latent_weight,
-                         self.reduce)
 
 
 # ----------------------------------------------------------------------------------------------------------- plan
@@ -144,22 +95,6 @@ def checkpoint_layers(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- state
-def fingerprint(exp: Experiment) -> str:
-    """Hash of the params the train stage reads, so a resume state of another configuration is never reused. How
-    the steps are computed (micro-batches, checkpointing, compile, loader workers, logging, device) is left out:
-    changing it mid-run is allowed."""
-    from .jobs.train import PERF_KEYS, reads
-    from .params import values
-
-    vals = values(exp.params, [k for k in reads(exp) if k not in PERF_KEYS])
-    for key in PERF_KEYS:
-        section, _, name = key.partition(".")
-        if isinstance(vals.get(section), dict):
-            vals[section].pop(name, None)
-    payload = {"run": exp.run, "strategy": exp.strategy, "positions": exp.positions, "params": vals}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _on(module: nn.Module, device: torch.device) -> nn.Module:
     """Move to `device` unless already there (the memory plan builds states under fake tensors, which must not be
     copied)."""
@@ -170,7 +105,8 @@ def _on(module: nn.Module, device: torch.device) -> nn.Module:
 class TrainState:
     """Everything a run needs to continue: model, projectors, optimizer, EMA, step and log."""
 
-    def __init__(self, exp: Experiment, encoder_dim: int, device: torch.device):
+    def __init__(self, exp: Experiment, encoder_dim: int, device: torch.device, fingerprint: str = ""):
+        """`fingerprint`: what the run's resume state must match (the train stage hashes the params it reads)."""
         p, tp = exp.params, exp.params.train
         torch.manual_seed(derive_seed("init", tp.seed))
         self.exp, self.spec = exp, align_spec(exp)
@@ -182,7 +118,7 @@ class TrainState:
                                            weight_decay=tp.weight_decay, fused=device.type in ("cpu", "cuda"))
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if tp.ema_decay > 0 else None
         self.step, self.log = 0, []
-        self.fingerprint = fingerprint(exp)
+        self.fingerprint = fingerprint
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters()) + list(self.projectors.parameters())
@@ -245,37 +181,6 @@ def _set_aside(path: Path, suffix: str, why: str) -> None:
     print(f"note: {path} {why}; moved to {moved}, starting over")
 
 
-# ---------------------------------------------------------------------------------------------------- step inputs
-@torch.no_grad()
-def encode_targets(encoder: FrozenEncoder, images_u8: torch.Tensor, grid: int, rule: str = "upsample",
-                   batch: int = 256) -> torch.Tensor:
-    """Encoder patch features of clean images as alignment targets (N, n, E): on the flow's token grid (upsample,
-    dino448) or on the encoder's own coarser grid (pool), see alignment/loss.py."""
-    out = [target_tokens(encoder(to_model(images_u8[i : i + batch])), grid, rule).float()
-           for i in range(0, len(images_u8), batch)]
-    return torch.cat(out)
-
-
-class AlignTargets:
-    """The alignment targets of a batch: cached per image for a fixed in-memory set (its encoder features once),
-    computed per step under the training autocast for streamed data."""
-
-    def __init__(self, encoder: FrozenEncoder, grid: int, device: torch.device, autocast: dict,
-                 fixed_images: torch.Tensor | None = None, rule: str = "upsample"):
-        size = encoder_input_size(rule, grid, encoder.patch_size, encoder.cfg.input_size)
-        self.encoder, self.grid, self.rule, self.autocast = encoder.resize_input(size).to(device), grid, rule, autocast
-        self.cache = None
-        if fixed_images is not None:
-            with torch.autocast(**autocast):
-                self.cache = encode_targets(self.encoder, fixed_images.to(device), grid, rule)
-
-    def __call__(self, batch: Batch) -> torch.Tensor:
-        if self.cache is not None:
-            return self.cache[batch.index]
-        with torch.autocast(**self.autocast):
-            return encode_targets(self.encoder, batch.pixels, self.grid, self.rule)
-
-
 def step_inputs(batch: Batch, step: int, exp: Experiment, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(noisy x, label-dropped y) of this rank for `step`: noise and drop mask are drawn for the global batch on the
     batch's device from the step's own seed, then sliced, so the draws do not depend on the number of ranks."""
@@ -327,6 +232,7 @@ def train(
     exp: Experiment,
     batches: Batches,
     state_path: str | Path,
+    fingerprint: str,
     device: torch.device,
     rank: int = 0,
     world: int = 1,
@@ -338,7 +244,8 @@ def train(
     on_log: Callable[[list[dict]], None] | None = None,
     milestones: dict[int, Path] | None = None,
 ) -> TrainResult:
-    """Train exp's flow on `batches` (this rank's view); resume from `state_path` if it holds a matching state.
+    """Train exp's flow on `batches` (this rank's view); resume from `state_path` if it holds a state saved under the
+    same `fingerprint` (the train stage's hash of the params that define the run; another one is set aside).
 
     `fixed_images`: the in-memory training set (uint8), whose alignment targets are then computed once.
     `milestones`: {step: path} where rank 0 saves the model (the EMA one if kept) after that step, like model.pt.
@@ -356,7 +263,7 @@ def train(
         raise TrainingError(f"experiment {exp.name!r}: plan {plan} does not cover the per-rank batch "
                             f"{tp.batch_size // world}")
 
-    state = TrainState(exp, encoder.dim if encoder else 0, device)
+    state = TrainState(exp, encoder.dim if encoder else 0, device, fingerprint)
     state_path = Path(state_path)
     start = state.restore(state_path, rank, device)
     milestones = {int(k): Path(v) for k, v in (milestones or {}).items()}
@@ -370,9 +277,7 @@ def train(
     targets = (AlignTargets(encoder, state.model.cfg.grid, device, autocast, fixed_images, p.align.target_grid)
                if spec else None)
 
-    objective_fn: nn.Module = Objective(state.model, state.projectors, spec, p.align.weight if spec else 0.0,
-                                        tp.latent_norm_weight,
-                                        p.align.position_reduce if spec else "mean")
+    objective_fn: nn.Module = Objective.of(exp, state.model, state.projectors)
     ddp = None
     if world > 1:
         ddp = objective_fn = nn.parallel.DistributedDataParallel(

@@ -55,10 +55,13 @@ def tiny_params(tmp: Path, **sections) -> Path:
 
 
 def stage(name: str, params: Path, run: str | None = None) -> None:
-    """Run a stage in this process, as its command would (flowback.stage.main); raises SystemExit on errors."""
-    from flowback.stage import main
+    """Run a stage in this process, as `python -m flowback stage` would (flowback.runner.main); raises SystemExit
+    with the exit code on errors."""
+    from flowback.runner import main
 
-    main(name, ["--params", str(params), "--quiet"] + (["--experiment", run] if run else []))
+    code = main(name, run, str(params), progress=False)
+    if code:
+        raise SystemExit(code)
 
 
 def command(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -103,3 +106,16 @@ def flow_images(model, n: int = 4, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     c = model.cfg
     return torch.randn(n, c.channels, c.image_size, c.image_size, generator=g).clamp(-1, 1)
+
+
+def generate_flow(model, labels, chunk_dir, batch_size, seed, *, denoise_sigma: float = 0.0, max_redraws: int = 0,
+                  decode=None, key: str = "", micro_batch=None, stats=None):
+    """flowback.sampler.generate with a flow's draw (flow_draw with these settings), quietly."""
+    from flowback.models.sampling import flow_draw
+    from flowback.sampler import generate
+
+    cfg = model.cfg
+    draw = flow_draw(model, denoise_sigma=denoise_sigma, max_redraws=max_redraws)
+    return generate(draw, (cfg.num_tokens, cfg.token_dim), labels, chunk_dir, batch_size, seed,
+                    next(model.parameters()).device, show_progress=False, decode=decode, key=key,
+                    micro_batch=micro_batch, stats=stats)

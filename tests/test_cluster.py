@@ -1,4 +1,5 @@
-"""The SLURM profile (profiles/slurm/config.yaml) matches the Snakefile and asks for GPUs where the stages need them."""
+"""The SLURM profile (profiles/slurm/config.yaml, resources per stage in resources.yaml) matches the stages and asks
+for GPUs where they need them."""
 
 import re
 from pathlib import Path
@@ -9,29 +10,32 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
+RESOURCES = ROOT / "profiles" / "slurm" / "resources.yaml"
 
 # Rules that run on GPUs, and those the Snakefile starts with the params' `launcher` (torchrun: one process per GPU,
 # several GPUs on one node).
 GPU_RULES = {"encoder", "metricnet", "decoder", "train", "sample", "evaluate", "reference"}
 LAUNCHED_RULES = {"train", "sample"}
-CPU_RULES = {"prepare", "table", "ablation_table"}
+CPU_RULES = {"prepare", "table"}
 # GPU-related resource names the SLURM executor plugin reads (its README, "GPU Jobs"): anything else with "gpu" in
 # its name (e.g. "gpus", "num_gpus") would be silently ignored and the job would get no GPU.
 PLUGIN_GPU_KEYS = {"gpu", "gpu_model", "gpu_manufacturer", "gres", "cpus_per_gpu", "tasks_per_gpu"}
 
 
-def snakefile_rules(text: str) -> set[str]:
-    return set(re.findall(r"^(?:rule|checkpoint)\s+(\w+)\s*:", text, flags=re.MULTILINE))
-
-
 @pytest.fixture(scope="module")
 def profile() -> dict:
-    return yaml.safe_load(PROFILE.read_text())
+    """The profile, with its per-stage resources (the configfile it names) as `set-resources`."""
+    prof = yaml.safe_load(PROFILE.read_text())
+    assert prof["configfile"] == str(RESOURCES.relative_to(ROOT))
+    return {**prof, "set-resources": yaml.safe_load(RESOURCES.read_text())["stage_resources"]}
 
 
 @pytest.fixture(scope="module")
 def rules() -> set[str]:
-    return snakefile_rules((ROOT / "Snakefile").read_text())
+    """The stages (every instance of one gets its resources)."""
+    from flowback.stages import stages
+
+    return set(stages())
 
 
 def gpus(res: dict) -> int:
@@ -39,11 +43,6 @@ def gpus(res: dict) -> int:
         m = re.fullmatch(r"'?gpu(?::[\w.]+)?:(\d+)'?", str(res["gres"]))
         return int(m.group(1)) if m else 0
     return int(res.get("gpu", 0) or 0)
-
-
-def test_rule_regex_reads_rule_names():
-    text = "rule a:\n    shell: 'x'\n\nrule b_2 :\n    input: 'rule c:'\ncheckpoint d:\n"
-    assert snakefile_rules(text) == {"a", "b_2", "d"}
 
 
 def test_profile_uses_the_slurm_executor(profile):
@@ -54,15 +53,23 @@ def test_profile_uses_the_slurm_executor(profile):
         assert key in profile["default-resources"], key
 
 
-def test_every_rule_in_set_resources_exists_in_the_snakefile(profile, rules):
-    unknown = set(profile["set-resources"]) - rules
-    assert not unknown, f"set-resources names rules the Snakefile does not have: {sorted(unknown)}"
-    assert not set(profile.get("set-threads", {})) - rules, "set-threads names a rule the Snakefile does not have"
+def test_every_stage_has_resources_and_every_entry_is_a_stage(profile, rules):
+    assert set(profile["set-resources"]) == rules
 
 
-def test_every_snakefile_rule_has_resources(profile, rules):
-    missing = rules - set(profile["set-resources"])
-    assert not missing, f"Snakefile rules without set-resources in the SLURM profile: {sorted(missing)}"
+@pytest.mark.slow
+def test_snakemake_gives_every_instance_its_stages_resources(tmp_path):
+    """Through the profile's configfile, each rule of an instance gets its stage's resources (a dry run prints them)."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
+    r = subprocess.run([exe, "-n", "--forceall", "train_baseline_s0", "--configfile", str(RESOURCES)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    train = [line for line in (r.stdout + r.stderr).splitlines() if "resources:" in line and "gpu=8" in line]
+    assert train and "mem_mb=480000" in train[0] and "nodes=1" in train[0], (r.stdout + r.stderr)[-3000:]
 
 
 def test_gpu_rules_request_gpus_and_cpu_rules_do_not(profile):
@@ -86,7 +93,7 @@ def test_launched_rules_get_one_gpu_per_torchrun_process(profile):
         launcher = pipe.params.runtime.launcher
         for rule in LAUNCHED_RULES:  # the Snakefile (and dvc.yaml) start these with the params' launcher
             run = pipe.params.runs()[0]
-            assert pipe.cmd(pipe.instance(rule, run)).startswith(launcher + " -m stages."), (path.name, rule)
+            assert pipe.cmd(pipe.instance(rule, run)).startswith(launcher + " -m flowback stage "), (path.name, rule)
         launchers[path.name] = launcher
     nprocs = {name: int(m.group(1)) for name, launcher in launchers.items()
               if (m := re.search(r"--nproc[_-]per[_-]node[ =](\d+)", launcher))}
@@ -124,4 +131,4 @@ def test_the_plugin_turns_the_profile_into_sbatch_gpu_flags(profile):
     train = sbatch("train")
     assert "--gpus=8" in train and "--nodes=1" in train and "--cpus-per-task=64" in train
     assert "--gpus=1" in sbatch("evaluate")
-    assert "--gpus" not in sbatch("prepare") and "--gres" not in sbatch("ablation_table")
+    assert "--gpus" not in sbatch("prepare") and "--gres" not in sbatch("table")

@@ -412,7 +412,7 @@ def test_prepare_stage_end_to_end(tmp_path, digits16, capsys):
 def test_prepare_stage_errors_cleanly_and_repairs_damage(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("data: {image_size: 4}\n")
-    r = command("-m", "stages.prepare", "--params", str(bad))
+    r = command("-m", "flowback", "stage", "prepare", "--params", str(bad))
     assert r.returncode == 2
     assert "data.image_size" in r.stderr and "Traceback" not in r.stderr
     # damaged data: re-running the stage repairs it (only the damaged shard is rewritten)

@@ -16,6 +16,7 @@ from flowback.data.manifest import write_manifest
 from flowback.data.writer import write_split
 from flowback.io import load_json, load_torch
 from flowback.params import validate
+from flowback.stages.train import fingerprint
 from flowback.training import train
 
 CPU = torch.device("cpu")
@@ -62,15 +63,15 @@ def test_streamed_training_resumes_exactly_at_a_checkpoint(rgb_shards, tmp_path)
     def source():
         return ShardBatches(rgb_shards, "train", 8, seed=0, segment=3, workers=0, shuffle_buffer=16)
 
-    full = train(exp, source(), tmp_path / "a" / "state.pt", CPU, show_progress=False)
+    full = train(exp, source(), tmp_path / "a" / "state.pt", fingerprint(exp), CPU, show_progress=False)
 
     def crash_at_5(step):
         if step == 5:
             raise Crash
 
     with pytest.raises(Crash):
-        train(exp, source(), tmp_path / "b" / "state.pt", CPU, show_progress=False, on_step=crash_at_5)
-    resumed = train(exp, source(), tmp_path / "b" / "state.pt", CPU, show_progress=False)
+        train(exp, source(), tmp_path / "b" / "state.pt", fingerprint(exp), CPU, show_progress=False, on_step=crash_at_5)
+    resumed = train(exp, source(), tmp_path / "b" / "state.pt", fingerprint(exp), CPU, show_progress=False)
     assert resumed.resumed_from == 3
     for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), n
@@ -135,8 +136,8 @@ def test_latent_batches_take_the_stored_view_and_flip_its_pixels(tmp_path):
 def test_bf16_autocast_trains_and_differs_from_float32(tmp_path):
     images = torch.randint(0, 256, (16, 1, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     labels = torch.arange(16) % 10
-    f32 = train(experiment(3), MemoryBatches(images, labels, 8, 0), tmp_path / "a.pt", CPU, show_progress=False)
-    bf16 = train(experiment(3, dtype="bfloat16"), MemoryBatches(images, labels, 8, 0), tmp_path / "b.pt", CPU,
+    f32 = train(experiment(3), MemoryBatches(images, labels, 8, 0), tmp_path / "a.pt", fingerprint(experiment(3)), CPU, show_progress=False)
+    bf16 = train(experiment(3, dtype="bfloat16"), MemoryBatches(images, labels, 8, 0), tmp_path / "b.pt", fingerprint(experiment(3, dtype="bfloat16")), CPU,
                  show_progress=False)
     assert all(np.isfinite(r["loss"]) for r in bf16.log)
     # step 1 is exact in both (zero-initialised outputs: z = x); after two updates: close, but computed in bfloat16
@@ -172,17 +173,17 @@ def test_torchrun_two_ranks_train_and_sample_what_one_process_does(tmp_path):
     for d in (one, two):
         d.mkdir()
         params = _tiny_params(d, 6)
-        _run("stages.prepare", "--params", str(params), "--quiet")
-        _run("stages.encoder", "--params", str(params), "--quiet")
+        _run("flowback", "stage", "prepare", "--params", str(params), "--quiet")
+        _run("flowback", "stage", "encoder", "--params", str(params), "--quiet")
     # a resume state no rank can read: only rank 0 sets it aside (the others would fail to rename it), and every rank
     # starts from the step rank 0 broadcasts
     junk = two / "results" / "runs" / "rrepa-s0" / ".resume" / "state.pt"
     junk.parent.mkdir(parents=True)
     junk.write_bytes(b"not a checkpoint")
     for run in ("baseline-s0", "rrepa-s0"):
-        _run("stages.train", "--params", str(one / "params.yaml"), "--experiment", run, "--quiet")
-        r = _run("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stages.train", "--params",
-                 str(two / "params.yaml"), "--experiment", run, "--quiet")
+        _run("flowback", "stage", "train", run, "--params", str(one / "params.yaml"), "--quiet")
+        r = _run("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "flowback", "stage", "train", run, "--params",
+                 str(two / "params.yaml"), "--quiet")
         wa = load_torch(one / "results" / "runs" / run / "model.pt")["weights"]
         wb = load_torch(two / "results" / "runs" / run / "model.pt")["weights"]
         _same_weights(wa, wb, run)
@@ -197,9 +198,9 @@ def test_torchrun_two_ranks_train_and_sample_what_one_process_does(tmp_path):
 
     shutil.copy(one / "results" / "runs" / "baseline-s0" / "model.pt",
                 two / "results" / "runs" / "baseline-s0" / "model.pt")
-    _run("stages.sample", "--params", str(one / "params.yaml"), "--experiment", "baseline-s0", "--quiet")
-    _run("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stages.sample", "--params",
-         str(two / "params.yaml"), "--experiment", "baseline-s0", "--quiet")
+    _run("flowback", "stage", "sample", "baseline-s0", "--params", str(one / "params.yaml"), "--quiet")
+    _run("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "flowback", "stage", "sample", "baseline-s0", "--params",
+         str(two / "params.yaml"), "--quiet")
     sa = np.load(one / "results" / "runs" / "baseline-s0" / "samples.npz")
     sb = np.load(two / "results" / "runs" / "baseline-s0" / "samples.npz")
     assert sb["arr_0"].shape == (60, 16, 16, 1) and np.array_equal(sa["arr_1"], sb["arr_1"])
@@ -224,12 +225,12 @@ def test_two_nodes_with_a_c10d_rendezvous_train_what_one_process_does(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         d.mkdir()
-        _run("stages.prepare", "--params", str(_tiny_params(d, 5, micro_batch=2)), "--quiet")
-    _run("stages.train", "--params", str(one / "params.yaml"), "--experiment", "baseline-s0", "--quiet")
+        _run("flowback", "stage", "prepare", "--params", str(_tiny_params(d, 5, micro_batch=2)), "--quiet")
+    _run("flowback", "stage", "train", "baseline-s0", "--params", str(one / "params.yaml"), "--quiet")
     port = _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "flowback-test",
-           "-m", "stages.train", "--params", str(two / "params.yaml"), "--experiment", "baseline-s0", "--quiet"]
+           "-m", "flowback", "stage", "train", "baseline-s0", "--params", str(two / "params.yaml"), "--quiet"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -256,9 +257,9 @@ def test_the_training_log_is_rewritten_from_the_resume_state(tmp_path):
 
     exp = experiment(6)
     with pytest.raises(Crash):
-        train(exp, MemoryBatches(images, torch.arange(16) % 10, 8, 0), tmp_path / "s.pt", CPU, show_progress=False,
+        train(exp, MemoryBatches(images, torch.arange(16) % 10, 8, 0), tmp_path / "s.pt", fingerprint(exp), CPU, show_progress=False,
               on_step=crash_at_5, on_log=lambda log: save_csv(path, log))
     assert [line.split(",")[0] for line in path.read_text().splitlines()] == ["step", "1", "2", "3", "4", "5"]
-    train(exp, MemoryBatches(images, torch.arange(16) % 10, 8, 0), tmp_path / "s.pt", CPU, show_progress=False,
+    train(exp, MemoryBatches(images, torch.arange(16) % 10, 8, 0), tmp_path / "s.pt", fingerprint(exp), CPU, show_progress=False,
           on_log=lambda log: save_csv(path, log))
     assert [line.split(",")[0] for line in path.read_text().splitlines()] == ["step", "1", "2", "3", "4", "5", "6"]

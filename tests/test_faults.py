@@ -89,11 +89,11 @@ def test_train_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path)
     for d in (a, b):
         d.mkdir()
         params = tiny(d, steps)
-        assert run_stage("stages.prepare", "--params", str(params), "--quiet").wait() == 0
-    full = run_stage("stages.train", "--params", str(tiny(a, steps)), "--experiment", "baseline-s0", "--quiet")
+        assert run_stage("flowback", "stage", "prepare", "--params", str(params), "--quiet").wait() == 0
+    full = run_stage("flowback", "stage", "train", "baseline-s0", "--params", str(tiny(a, steps)), "--quiet")
 
     state = b / "results" / "runs" / "baseline-s0" / ".resume" / "state.pt"
-    victim = run_stage("stages.train", "--params", str(tiny(b, steps)), "--experiment", "baseline-s0", "--quiet")
+    victim = run_stage("flowback", "stage", "train", "baseline-s0", "--params", str(tiny(b, steps)), "--quiet")
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline and victim.poll() is None:
         time.sleep(0.05)
@@ -106,7 +106,7 @@ def test_train_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path)
     killed_at = load_torch(state)["step"]
     assert 0 < killed_at < steps
 
-    resumed = run_stage("stages.train", "--params", str(tiny(b, steps)), "--experiment", "baseline-s0", "--quiet")
+    resumed = run_stage("flowback", "stage", "train", "baseline-s0", "--params", str(tiny(b, steps)), "--quiet")
     assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
     assert full.wait() == 0, full.stderr.read().decode()[-2000:]
     wa = load_torch(a / "results" / "runs" / "baseline-s0" / "model.pt")["weights"]
@@ -129,7 +129,7 @@ def test_sample_killed_with_sigkill_resumes_without_duplicates_or_gaps(tmp_path)
     a = tmp_path / "a"
     a.mkdir()
     params_a = tiny(a, 20, per_class=60, batch_size=10)  # 600 images in 60 chunks
-    for stage in (("stages.prepare",), ("stages.train", "--experiment", "baseline-s0")):
+    for stage in (("flowback", "stage", "prepare",), ("flowback", "stage", "train", "baseline-s0")):
         p = run_stage(*stage, "--params", str(params_a), "--quiet")
         assert p.wait() == 0, p.stderr.read().decode()[-2000:]
     b = tmp_path / "b"
@@ -137,9 +137,9 @@ def test_sample_killed_with_sigkill_resumes_without_duplicates_or_gaps(tmp_path)
     params_b = b / "params.yaml"
     params_b.write_text(params_a.read_text().replace(str(a), str(b)))
 
-    full = run_stage("stages.sample", "--params", str(params_a), "--experiment", "baseline-s0", "--quiet")
+    full = run_stage("flowback", "stage", "sample", "baseline-s0", "--params", str(params_a), "--quiet")
     run_b = b / "results" / "runs" / "baseline-s0"
-    victim = run_stage("stages.sample", "--params", str(params_b), "--experiment", "baseline-s0", "--quiet")
+    victim = run_stage("flowback", "stage", "sample", "baseline-s0", "--params", str(params_b), "--quiet")
     deadline = time.time() + 120
     while not (run_b / "chunks" / "000003.npz").exists() and time.time() < deadline and victim.poll() is None:
         time.sleep(0.02)
@@ -149,7 +149,7 @@ def test_sample_killed_with_sigkill_resumes_without_duplicates_or_gaps(tmp_path)
     done = len(list((run_b / "chunks").glob("*.npz")))
     assert not (run_b / "samples.npz").exists() and 3 <= done < 60, "the kill should land mid-way"
 
-    resumed = run_stage("stages.sample", "--params", str(params_b), "--experiment", "baseline-s0", "--quiet")
+    resumed = run_stage("flowback", "stage", "sample", "baseline-s0", "--params", str(params_b), "--quiet")
     assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
     assert full.wait() == 0, full.stderr.read().decode()[-2000:]
     sa = fio.load_npz(a / "results" / "runs" / "baseline-s0" / "samples.npz")

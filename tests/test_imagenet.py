@@ -94,7 +94,7 @@ def params_file(tmp_path: Path, source: Path, **data) -> Path:
 
 def run_prepare(path: Path) -> subprocess.CompletedProcess:
     """The stage as users run it: its own process, exit code, stdout and stderr."""
-    return subprocess.run([sys.executable, "-m", "stages.prepare", "--params", str(path), "--quiet"], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "flowback", "stage", "prepare", "--params", str(path), "--quiet"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -209,7 +209,7 @@ def test_kill_9_while_writing_shards_resumes_to_the_same_manifest(source, prepar
     # the stage with every shard write slowed to 0.2 s, so the kill lands mid-way however fast the machine is
     slow = ("import time, flowback.data.imagenet as m; w = m.write_samples; "
             "m.write_samples = lambda *a, **k: (time.sleep(0.2), w(*a, **k)); "
-            f"from flowback.stage import main; main('prepare', ['--params', {str(params)!r}, '--quiet'])")
+            f"from flowback.runner import main; main('prepare', None, {str(params)!r}, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", slow], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("train-*.tar"))) < 3 and proc.poll() is None:
@@ -423,7 +423,7 @@ def test_torchrun_two_ranks_write_what_one_process_writes(source, vae_dir, tmp_p
     two.mkdir()
     path2, _ = _latent_params(two, source, vae_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stages.prepare",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "flowback", "stage", "prepare",
                         "--params", str(path2), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=env)
     assert r.returncode == 0, r.stderr[-2000:]

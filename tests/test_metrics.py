@@ -18,7 +18,7 @@ from flowback.metrics import digitnet as dn
 from flowback.metrics.digitnet import DigitNet, load_digitnet, save_digitnet, train_digitnet
 from flowback.metrics.frechet import frechet_distance, gaussian_stats
 from flowback.metrics.generative import extract_features, generative_metrics, load_feature_network
-from flowback.params import TrainSpec
+from flowback.params.schema import TrainSpec
 
 
 def random_psd(rng: np.random.RandomState, d: int, rank: int | None = None) -> np.ndarray:

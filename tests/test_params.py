@@ -77,7 +77,7 @@ def test_stage_stops_before_work_with_a_one_line_error(tmp_path):
     raw["train"]["lr"] = "fast"
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(raw))
-    r = command("-m", "stages.prepare", "--params", str(bad))
+    r = command("-m", "flowback", "stage", "prepare", "--params", str(bad))
     assert r.returncode == 2
     assert "train.lr" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "results").exists()

@@ -55,7 +55,7 @@ def test_imagenet256_trains_on_vae_latents(profiles):
 def test_starflow256_is_the_papers_class_conditional_layout(profiles):
     """STARFlow's class-conditional ImageNet-256 model: d(N) = 18(6), width 2048, patch 1 on SD-VAE latents, 1.4B
     parameters; ml-starflow's architecture switches; its guidance on the deep block; mapped to the paper's Table 1."""
-    from flowback.sampler import guidance
+    from flowback.models.guidance import Guidance
     from flowback.models.tarflow import TARFlow
 
     p = profiles["starflow256"]
@@ -72,7 +72,7 @@ def test_starflow256_is_the_papers_class_conditional_layout(profiles):
         deep = sum(x.numel() for x in model.blocks[-1].parameters()) / 1e6
     assert 1400 * 0.97 < millions < 1400 * 1.03  # the paper's "1.4B"
     assert deep > 0.6 * millions  # the deep block holds most of the capacity
-    g = guidance(p.sample.guidance)
+    g = Guidance.of(p.sample.guidance)
     assert g.method == "starflow" and g.active and not g.anneal
     assert [g.applies_to(b, 6) for b in range(1, 7)] == [False] * 5 + [True]  # the deep block only
     assert (p.train.batch_size, p.sample.per_class * p.data.num_classes) == (512, 50_000)

@@ -66,13 +66,13 @@ def test_missing_or_foreign_reference_is_an_error_naming_the_file(tmp_path):
     net = digitnet()
     ref = reference_from_features(extract_features(net, blocky(3, 40, 2), 40, show_progress=False), isc_splits=2,
                                   fingerprint={"network": "digitnet", "network_sha256": "a" * 64, "batch_size": 256})
-    with pytest.raises(FlowBackFileError, match=r"r\.npz: no reference statistics; run `python -m stages.reference`"):
+    with pytest.raises(FlowBackFileError, match=r"r\.npz: no reference statistics; run `python -m flowback stage reference`"):
         load_reference(tmp_path / "r.npz", expected={})
     save_reference(tmp_path / "r.npz", ref)
     other = {"network": "digitnet", "network_sha256": "b" * 64, "batch_size": 128}
     with pytest.raises(FlowBackFileError, match=r"r\.npz: computed with another metric network or settings "
                                                 r"\(batch_size: 256 in the file, 128 now; network_sha256: .*"
-                                                r"run `python -m stages.reference`"):
+                                                r"run `python -m flowback stage reference`"):
         load_reference(tmp_path / "r.npz", expected=other)
     np.savez(tmp_path / "bad.npz", mu=np.zeros(3))
     with pytest.raises(FlowBackFileError, match=r"bad\.npz: not a FlowBack reference file \(missing sigma"):
@@ -206,7 +206,7 @@ def test_evaluate_without_or_with_a_stale_reference_says_to_run_the_reference_st
     with pytest.raises(SystemExit):
         stage("evaluate", params, "baseline-s0")
     err = capsys.readouterr().err
-    assert f"{npz}: no reference statistics; run `python -m stages.reference` first" in err
+    assert f"{npz}: no reference statistics; run `python -m flowback stage reference` first" in err
 
     stage("reference", params)
     save_digitnet(digitnet(1), tmp_path / "metric")  # the metric network changed since
@@ -214,7 +214,7 @@ def test_evaluate_without_or_with_a_stale_reference_says_to_run_the_reference_st
         stage("evaluate", params, "baseline-s0")
     err = capsys.readouterr().err
     assert f"{npz}: computed with another metric network or settings (network_sha256: " in err
-    assert "run `python -m stages.reference`" in err and "Traceback" not in err
+    assert "run `python -m flowback stage reference`" in err and "Traceback" not in err
 
 
 def test_latent_shards_without_pixels_need_a_reference_batch(tmp_path, monkeypatch):

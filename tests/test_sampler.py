@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from conftest import random_flow
+from conftest import generate_flow, random_flow
 
-from flowback.sampler import sample_labels, generate
+from flowback.sampler import sample_labels
 
 
 def small_flow():
@@ -15,7 +15,7 @@ def small_flow():
 def test_sampling_resumes_without_duplicates_or_gaps(tmp_path, monkeypatch):
     model = small_flow()
     labels = sample_labels(3, 5)
-    full, _ = generate(model, labels, tmp_path / "a", 4, seed=1, show_progress=False, key="k")
+    full, _ = generate_flow(model, labels, tmp_path / "a", 4, seed=1, key="k")
 
     import flowback.sampler as sampler
 
@@ -30,14 +30,14 @@ def test_sampling_resumes_without_duplicates_or_gaps(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sampler, "save_npz", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        generate(model, labels, tmp_path / "b", 4, seed=1, show_progress=False, key="k")
+        generate_flow(model, labels, tmp_path / "b", 4, seed=1, key="k")
     monkeypatch.setattr(sampler, "save_npz", real)
     assert sorted(p.name for p in (tmp_path / "b").glob("*.npz")) == ["000000.npz", "000001.npz"]
-    resumed, _ = generate(model, labels, tmp_path / "b", 4, seed=1, show_progress=False, key="k")
+    resumed, _ = generate_flow(model, labels, tmp_path / "b", 4, seed=1, key="k")
     assert resumed.shape == full.shape == (15, 4, 4, 1)
     assert np.array_equal(resumed, full)
     # another key (other checkpoint or settings) never reuses old chunks
-    other, _ = generate(model, labels, tmp_path / "b", 4, seed=2, show_progress=False, key="k2")
+    other, _ = generate_flow(model, labels, tmp_path / "b", 4, seed=2, key="k2")
     assert not np.array_equal(other, full)
 
 
@@ -45,8 +45,8 @@ def test_sampling_resumes_without_duplicates_or_gaps(tmp_path, monkeypatch):
 def test_micro_batches_give_the_whole_chunk(tmp_path, denoise):
     model = small_flow()
     labels = sample_labels(3, 4)
-    whole, _ = generate(model, labels, tmp_path / "a", 12, seed=3, denoise_sigma=denoise, show_progress=False)
-    parts, _ = generate(model, labels, tmp_path / "b", 12, seed=3, denoise_sigma=denoise, show_progress=False,
+    whole, _ = generate_flow(model, labels, tmp_path / "a", 12, seed=3, denoise_sigma=denoise)
+    parts, _ = generate_flow(model, labels, tmp_path / "b", 12, seed=3, denoise_sigma=denoise,
                         micro_batch=5)
     assert np.array_equal(whole, parts) and whole.std() > 0
 

@@ -6,13 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import random_flow
+from conftest import generate_flow, random_flow
 
 import flowback.models.sampling as sampling
 from flowback.models.guidance import Guidance
 from flowback.models.sampling import NonFiniteSampleError, SampleStats, denoise, sample
 from flowback.models.transformer import Attention
-from flowback.sampler import generate
 
 
 def make_model(seed=0, **kw):
@@ -147,16 +146,16 @@ def test_generate_records_redraws_per_chunk_and_names_a_failing_chunk(tmp_path, 
     model = make_model()
     labels = np.arange(10) % 5
     stats = SampleStats()
-    images, _ = generate(model, labels, tmp_path / "chunks", 4, seed=3, show_progress=False, max_redraws=20,
+    images, _ = generate_flow(model, labels, tmp_path / "chunks", 4, seed=3, max_redraws=20,
                          stats=stats)
     assert images.shape == (10, 8, 8, 2) and stats.redraws > 0
     resumed = SampleStats()  # a re-run loads the chunks from disk and still counts their redraws
-    images2, seconds = generate(model, labels, tmp_path / "chunks", 4, seed=3, show_progress=False, max_redraws=20,
+    images2, seconds = generate_flow(model, labels, tmp_path / "chunks", 4, seed=3, max_redraws=20,
                                 stats=resumed)
     assert seconds == 0 and np.array_equal(images, images2) and resumed.redraws == stats.redraws
     monkeypatch.setattr(sampling, "reverse", lambda model, z, *a, **k: torch.full((len(z), 2, 8, 8), float("nan")))
     with pytest.raises(NonFiniteSampleError, match=r"000000\.npz: chunk 0"):
-        generate(model, labels, tmp_path / "other", 4, seed=3, show_progress=False, max_redraws=2)
+        generate_flow(model, labels, tmp_path / "other", 4, seed=3, max_redraws=2)
 
 
 # -- denoising step multiplier ----------------------------------------------------------------------------------

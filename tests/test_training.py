@@ -6,6 +6,7 @@ import timm
 import torch
 
 from flowback.alignment.encoder import EncoderConfig, FrozenEncoder
+from flowback.stages.train import fingerprint
 from flowback.training import align_spec
 from flowback.checkpoints import load_flow, save_flow
 from flowback.data.batches import MemoryBatches, batch_indices
@@ -50,7 +51,7 @@ def encoder():
 def fit(exp, state_path, enc=None, **kw):
     images, labels = data()
     batches = MemoryBatches(images, labels, exp.params.train.batch_size, exp.params.train.seed)
-    return train(exp, batches, state_path, CPU, encoder=enc, fixed_images=images, show_progress=False, **kw)
+    return train(exp, batches, state_path, fingerprint(exp), CPU, encoder=enc, fixed_images=images, show_progress=False, **kw)
 
 
 @pytest.mark.parametrize("strategy, position", [("none", None), ("reverse", "7&8")])

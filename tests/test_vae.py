@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import stage
+from conftest import generate_flow, stage
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -18,7 +18,6 @@ from flowback.io import FlowBackFileError
 from flowback.models.sampling import sample
 from flowback.models.tarflow import FlowConfig, TARFlow
 from flowback.models.vae import LatentCodec, load_vae, save_random_vae
-from flowback.sampler import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +133,7 @@ def test_latent_flow_samples_denoises_and_decodes(codec, tmp_path):
     assert z.shape == (4, 4, 4, 4) and torch.isfinite(z).all()
     x = codec.decode(z)
     assert x.shape == (4, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
-    imgs, _ = generate(model, y.numpy(), tmp_path / "chunks", 3, 0, denoise_sigma=0.2, show_progress=False,
+    imgs, _ = generate_flow(model, y.numpy(), tmp_path / "chunks", 3, 0, denoise_sigma=0.2,
                        decode=codec.decode)
     assert imgs.shape == (4, 8, 8, 3) and imgs.dtype == np.uint8
 

@@ -22,7 +22,7 @@ from ..frozen import Frozen
 from ..io import FlowBackFileError, save_network
 
 if TYPE_CHECKING:
-    from ..params import EncoderParams
+    from ..params.schema import EncoderParams
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import POSITION_REDUCE, TARGET_GRIDS
+
 
 class Projector(nn.Module):
     """REPA's projector: Linear - SiLU - Linear - SiLU - Linear, applied to every token."""
@@ -46,8 +48,6 @@ def alignment_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
 
 
-TARGET_GRIDS = ("upsample", "pool", "dino448")
-POSITION_REDUCE = ("mean", "sum")
 
 
 def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -34,7 +34,7 @@ class EncoderObjectiveError(FlowBackError):
     """An encoder training objective FlowBack does not know."""
 
 
-OBJECTIVES = ("supervised", "simclr")
+from .choices import ENCODER_OBJECTIVES as OBJECTIVES  # noqa: E402
 
 
 def train_encoder(images_u8: torch.Tensor, labels: torch.Tensor, cfg: EncoderConfig, num_classes: int, steps: int,

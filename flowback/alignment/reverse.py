@@ -27,7 +27,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-REVERSE_GRADS = ("paper", "exact", "newest")
 
 
 # ------------------------------------------------------------------------------------------------ shared pieces

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from ..models.tarflow import FlowOutput, TARFlow
-from .reverse import PARALLEL, REVERSE_GRADS, _read, naive_reverse_features
+from .choices import REVERSE_GRADS, STRATEGIES
+from .reverse import PARALLEL, _read, naive_reverse_features
 
-STRATEGIES = ("forward", "detach", "reverse")
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,18 @@ class ShardBatches:
         else:
             x = to_model(pixels)
         return Batch(x, raw["label"], pixels=pixels)
+
+
+def run_batches(params, batch_size: int, segment: int, rank: int, world: int, device):
+    """(this rank's Batches of the train split, the in-memory training images or None) for a training run: the digits
+    from memory, ImageNet streamed from its shards (checked against the params first, as load_split does)."""
+    from .manifest import check_prepared, load_split
+
+    if params.data.dataset == "digits":
+        images, labels = (torch.from_numpy(a) for a in load_split(params, "train"))
+        return MemoryBatches(images, labels, batch_size, params.train.seed, rank=rank, world=world), images
+    tp = params.train
+    check_prepared(params)
+    return ShardBatches(params.data.dir, "train", batch_size, tp.seed, segment, rank=rank, world=world,
+                        workers=tp.workers, shuffle_buffer=tp.shuffle_buffer, flip=tp.flip,
+                        pin_memory=device.type == "cuda"), None

@@ -137,7 +137,7 @@ def check_shard(directory: Path, manifest: Manifest, split: str, shard: ShardEnt
     digest = sha256_file(path)
     if digest != shard.sha256:
         raise FlowBackFileError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
-                                f"{shard.sha256[:12]}... (changed or damaged; re-run `python -m stages.prepare`)")
+                                f"{shard.sha256[:12]}... (changed or damaged; re-run `python -m flowback stage prepare`)")
     pixels = manifest.pixels
     samples = read_shard(path, num_classes=manifest.num_classes, image_size=manifest.image_size if pixels else None,
                          channels=manifest.channels if pixels else None, members=manifest.members)
@@ -249,31 +249,31 @@ def verify(directory: str | Path) -> dict:
             for split in manifest.splits}
 
 
+def _settings(params: "Params") -> list[tuple[str, str, Any]]:
+    """(manifest field, the params key it comes from, value) of every setting a data directory is made from: the one
+    table both the manifest's record and the declared reads of every stage that loads the data come from."""
+    d = params.data
+    rows = [("dataset", "data.dataset", d.dataset), ("image_size", "data.image_size", d.image_size),
+            ("channels", "data.dataset", d.channels), ("num_classes", "data.classes", d.num_classes),
+            ("format", "data.format", d.format)]
+    if d.dataset == "digits":
+        rows += [("split_seed", "seed", params.seed), ("val_fraction", "data.val_fraction", d.val_fraction)]
+    else:
+        rows += [("resize", "data.resize", d.resize), ("max_per_class", "data.max_per_class", d.max_per_class)]
+    if d.format == "latent":
+        rows += [("keep_pixels", "data.keep_pixels", d.keep_pixels)]
+    return rows
+
+
 def prepared_settings(params: "Params") -> dict:
     """The params a data directory is made from; the manifest records them and readers insist on them."""
-    d = params.data
-    want = {"dataset": d.dataset, "image_size": d.image_size, "channels": d.channels, "num_classes": d.num_classes,
-            "format": d.format}
-    if d.dataset == "digits":
-        want |= {"split_seed": params.seed, "val_fraction": d.val_fraction}
-    else:
-        want |= {"resize": d.resize, "max_per_class": d.max_per_class}
-    if d.format == "latent":
-        want |= {"keep_pixels": d.keep_pixels}
-    return want
+    return {field: value for field, _, value in _settings(params)}
 
 
 def data_reads(params: "Params") -> list[str]:
-    """The params keys `check_prepared` / `load_split` read: a stage that loads the data declares them."""
-    d = params.data
-    keys = ["data.dataset", "data.root", "data.image_size", "data.classes", "data.format"]
-    if d.dataset == "digits":
-        keys += ["seed", "data.val_fraction"]
-    else:
-        keys += ["data.resize", "data.max_per_class"]
-    if d.format == "latent":
-        keys += ["data.keep_pixels"]
-    return keys
+    """The params keys `check_prepared` / `load_split` read (where the data is, and `prepared_settings`): a stage
+    that loads the data declares them."""
+    return ["data.root", *dict.fromkeys(key for _, key, _ in _settings(params))]
 
 
 def stale_settings(params: "Params", manifest: Manifest) -> list[str]:
@@ -289,12 +289,12 @@ def check_prepared(params: "Params") -> Manifest:
     stale = stale_settings(params, manifest)
     if stale:
         raise FlowBackFileError(f"{Path(d.dir) / MANIFEST}: prepared with other settings ({'; '.join(stale)}); "
-                                f"re-run `python -m stages.prepare`")
+                                f"re-run `python -m flowback stage prepare`")
     return manifest
 
 
 def load_split(params: "Params", split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The uint8 images and int64 labels of `split` of the data set `params` describe (written by stages.prepare).
+    """The uint8 images and int64 labels of `split` of the data set `params` describe (written by the prepare stage).
 
     Refuses data prepared with different settings (data set, image size, split seed or fraction, crop): re-run prepare.
     """

@@ -61,6 +61,30 @@ def classifier_accuracy(
     return correct / len(inputs)
 
 
+@torch.no_grad()
+def exhaustive_predict(model: TARFlow, x: torch.Tensor) -> torch.Tensor:
+    """argmax_k log p(x | k): one forward pass per class (the classifier the one-step gradient approximates; K times
+    its cost, affordable for the digits' 10 classes)."""
+    K = model.cfg.num_classes
+    scores = torch.stack([log_prob_from(model(x, torch.full((len(x),), k, device=x.device, dtype=torch.long)))
+                          for k in range(K)], dim=1)
+    return scores.argmax(dim=1)
+
+
+def exhaustive_accuracy(
+    model: TARFlow, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128, show_progress: bool = True
+) -> float:
+    """Accuracy (in [0, 1]) of argmax_k log p(x | k) on the same inputs as classifier_accuracy."""
+    device = next(model.parameters()).device
+    model.eval()
+    correct = 0
+    for start in tqdm(range(0, len(inputs), batch_size), desc="exhaustive classifier", disable=not show_progress,
+                      leave=False):
+        x = _model_inputs(inputs[start : start + batch_size]).to(device)
+        correct += int((exhaustive_predict(model, x).cpu().numpy() == labels[start : start + batch_size]).sum())
+    return correct / len(inputs)
+
+
 def classifier_inputs(params: "Params", split: str) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, labels) of `split` for the classifier: uint8 images, or in latent mode (data.format latent) the
     float32 posterior means of the un-flipped images, (N, C, h, w). Refuses data prepared with other settings."""

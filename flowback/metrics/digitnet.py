@@ -120,11 +120,11 @@ def load_digitnet(directory: str | Path) -> DigitNet:
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise FlowBackFileError(f"{directory}: DigitNet directory not found (train it with `python -m stages.metricnet`)")
+        raise FlowBackFileError(f"{directory}: DigitNet directory not found (train it with `python -m flowback stage metricnet`)")
     cfg_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (cfg_path, weights):
         if not path.exists():
-            raise FlowBackFileError(f"{directory}: no {path.name} (train it with `python -m stages.metricnet`)")
+            raise FlowBackFileError(f"{directory}: no {path.name} (train it with `python -m flowback stage metricnet`)")
     try:
         raw = json.loads(cfg_path.read_text())
         cfg = {k: int(raw[k]) for k in CONFIG_KEYS}

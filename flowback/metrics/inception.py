@@ -118,7 +118,7 @@ def load_inception(directory: str | Path) -> InceptionFeatures:
             state = load_file(str(directory / PIPELINE_FILE))
         except Exception as e:
             raise FlowBackFileError(f"{directory / PIPELINE_FILE}: not a safetensors file ({type(e).__name__}: "
-                                    f"{e}); re-run `python -m stages.metricnet`") from e
+                                    f"{e}); re-run `python -m flowback stage metricnet`") from e
         return _build(directory / PIPELINE_FILE, state)
     return _build(directory / INCEPTION_FILE, _load_state(directory / INCEPTION_FILE))
 

@@ -1,4 +1,4 @@
-"""Reference-side statistics of the generative metrics, computed once (`python -m stages.reference`), read by evaluate.
+"""Reference-side statistics of the generative metrics, computed once (`python -m flowback stage reference`), read by evaluate.
 
 The ADM evaluation suite compares every sample batch with one fixed *reference batch*: FID and sFID use the
 reference's Gaussian statistics (pool and spatial features), precision/recall its pool features. Those do not depend
@@ -57,7 +57,7 @@ REFERENCE_DIR = "reference"
 REPORT_FILE = "reference.json"
 ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 NPZ_KEYS = ADM_STAT_KEYS + ("ref_pool", "is", "is_std", "count", "source", "stats_from", "fingerprint")
-_RERUN = "run `python -m stages.reference`"
+_RERUN = "run `python -m flowback stage reference`"
 
 
 # ------------------------------------------------------------------------------------------------------ locations

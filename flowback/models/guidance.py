@@ -30,6 +30,11 @@ class Guidance:
     attn_temp: float = 1.0  # attention temperature of the unconditional pass
     blocks: str = "auto"  # auto (tarflow: all, starflow: deep) | all (every conditioned block) | deep (block N only)
 
+    @classmethod
+    def of(cls, g) -> "Guidance":
+        """The rule a params `sample.guidance` section describes."""
+        return cls(g.method, g.weight, g.anneal, g.guide_what, g.attn_temp, g.blocks)
+
     def __post_init__(self):
         if self.method not in ("none", "tarflow", "starflow"):
             raise ValueError(f"guidance method must be none, tarflow or starflow, got {self.method!r}")

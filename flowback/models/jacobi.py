@@ -34,8 +34,7 @@ import torch
 from .guidance import Guidance
 from .tarflow import FlowBlock, TARFlow
 
-SOLVERS = ("sequential", "jacobi", "gs_jacobi")
-INITS = ("noise", "zeros")
+from .choices import JACOBI_INITS as INITS, SOLVERS  # noqa: E402
 
 
 class JacobiFallbackWarning(UserWarning):
@@ -61,6 +60,14 @@ class Solver:
     segments: int | tuple[int, ...] = 1  # Gauss-Seidel segments per block (gs_jacobi)
     init: str | tuple[str, ...] = "noise"  # first iterate: noise (u = v) | zeros
     window: int | tuple[int, ...] = 0  # gs_jacobi: > 0 = sliding window of this many tokens instead of segments
+
+    @classmethod
+    def of(cls, s) -> "Solver":
+        """The block inversion a params `sample` section (solver, jacobi) describes."""
+        jp = s.jacobi
+        tup = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+        return cls(s.solver, jp.tol, tup(jp.max_iters), tup(jp.segments) if s.solver == "gs_jacobi" else 1,
+                   tup(jp.init), tup(jp.window) if s.solver == "gs_jacobi" else 0)
 
     def __post_init__(self):
         if self.method not in SOLVERS:

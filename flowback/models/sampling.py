@@ -45,6 +45,12 @@ class SampleStats:
         return {"passes": dict(sorted(self.passes.items())), "fallbacks": dict(sorted(self.fallbacks.items())),
                 "sequential_steps": dict(sorted(self.sequential_steps.items())), "redraws": self.redraws}
 
+    def merge(self, other: "SampleStats") -> None:
+        for block in other.passes.keys() | other.fallbacks.keys() | other.sequential_steps.keys():
+            self.record_block(block, other.passes.get(block, 0), other.fallbacks.get(block, 0),
+                              other.sequential_steps.get(block, 0))
+        self.redraws += other.redraws
+
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
@@ -175,3 +181,16 @@ def sample(
         raise NonFiniteSampleError(f"{int(bad.sum())} of {len(y)} samples are still NaN/inf after {max_redraws} "
                                    f"redraws (sample.max_redraws)")
     return x
+
+
+def flow_draw(model: TARFlow, guidance: Guidance | None = None, denoise_sigma: float = 0.0, use_cache: bool = True,
+              dtype: torch.dtype | None = None, *, solver: Solver | None = None, denoise_scale: float = 1.0,
+              max_redraws: int = 0):
+    """The flow's `draw(y, z, g, stats)` for flowback.sampler.generate: `sample` with these settings, noise z of
+    shape (num_tokens, token_dim) per image."""
+
+    def draw(y: torch.Tensor, z: torch.Tensor, g: torch.Generator, stats: SampleStats | None) -> torch.Tensor:
+        return sample(model, y, g, guidance, denoise_sigma, use_cache, dtype, z=z, solver=solver, stats=stats,
+                      denoise_scale=denoise_scale, max_redraws=max_redraws)
+
+    return draw

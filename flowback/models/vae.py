@@ -21,6 +21,9 @@ from torch import nn
 from ..frozen import Frozen
 from ..io import FlowBackFileError, sha256_file
 
+VAE_DOWNSAMPLE = 8  # stable-diffusion VAEs: 256 px -> 32 x 32 x 4 latents
+VAE_CHANNELS = 4
+
 HUB_VAE = "stabilityai/sd-vae-ft-ema"  # the paper's VAE; `flowback weights fetch` saves it locally
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -186,3 +189,16 @@ def vae_from_config(directory: str | Path) -> nn.Module:
         cfg = AutoencoderKL.load_config(str(path.parent))
         return AutoencoderKL.from_config(cfg).eval().requires_grad_(False)
     return _autoencoder_kl()(**cfg).eval().requires_grad_(False)
+
+
+def latent_decoder(vae_dir: str | Path, scale: float, device, channels: int, size: int, image_size: int):
+    """(decode: latents -> [-1, 1] pixels, a key naming the VAE) of the VAE in `vae_dir`; its grid must match the
+    model's latents (`channels` x `size` x `size`, decoded to `image_size` pixels)."""
+    codec = LatentCodec(load_vae(vae_dir, device), scale)
+    if codec.latent_channels != channels or size * codec.factor != image_size:
+        raise FlowBackFileError(
+            f"{vae_dir}: this VAE decodes {codec.latent_channels}-channel latents, upsampling by {codec.factor}, but "
+            f"params give latents {channels} x {size} x {size} for data.image_size {image_size} (latent mode assumes a "
+            f"Stable-Diffusion VAE: {VAE_CHANNELS} channels, factor {VAE_DOWNSAMPLE}, data.image_size a multiple of "
+            f"{VAE_DOWNSAMPLE})")
+    return codec.decode, f"vae={vae_fingerprint(vae_dir)}:scale={scale}"

@@ -7,7 +7,8 @@ import math
 import torch
 
 from ..params import Experiment
-from .measure import GIB, Choice, Measure, PlanError, _budget, _fake, _halvings, _largest, _memo, inference_model, measure
+from .measure import GIB, Choice, Measure, PlanError, _budget, _fake, _halvings, _largest, _memo, measure
+from .sample import inference_model
 
 
 @_memo

@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import FlowBackError
-from ..params import Experiment, Params
+from ..params import Params
 
 GIB = 2**30
 HEADROOM = 0.95  # plan to this share of the GPU's memory: the rest covers allocator fragmentation and CUDA's context
@@ -140,14 +140,6 @@ def _memo(fn):
         return _MEMO[key][1]
 
     return wrapper
-
-
-def inference_model(exp: Experiment):
-    """The run's flow for inference (frozen), as sample and evaluate load it; usually built under fake tensors."""
-    from ..builders import flow_config
-    from ..models.tarflow import TARFlow
-
-    return TARFlow(flow_config(exp.params)).eval().requires_grad_(False)
 
 
 def _budget(params: Params) -> int | None:

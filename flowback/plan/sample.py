@@ -7,14 +7,32 @@ import math
 import torch
 
 from ..params import Experiment
-from .measure import GIB, Choice, Measure, PlanError, _budget, _fake, _halvings, _largest, _memo, inference_model, measure
+from .measure import GIB, Choice, Measure, PlanError, _budget, _fake, _halvings, _largest, _memo, measure
+
+
+def inference_model(exp: Experiment):
+    """The run's flow for inference (frozen), as sample and evaluate load it; usually built under fake tensors."""
+    from ..builders import flow_config
+    from ..models.tarflow import TARFlow
+
+    return TARFlow(flow_config(exp.params)).eval().requires_grad_(False)
+
+
+@_memo
+def forward_flops(exp: Experiment, batch: int) -> int:
+    """FLOPs of one forward pass (what KV-cached decoding computes per image, token by token)."""
+    with _fake():
+        model = inference_model(exp)
+        cfg = model.cfg
+        x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size)
+        return measure(lambda: model(x), model, x).flops
 
 
 @_memo
 def denoise_pass(exp: Experiment, micro: int) -> Measure:
     """The denoising gradient step (fp32, as sampling runs it) on `micro` images, plus one KV-cached decoding step of
     the largest block (its caches allocated for every token, doubled with guidance)."""
-    from ..sampler import guidance
+    from ..models.guidance import Guidance
     from ..models.sampling import denoise
 
     sp = exp.params.sample
@@ -23,7 +41,7 @@ def denoise_pass(exp: Experiment, micro: int) -> Measure:
         cfg = model.cfg
         x = torch.randn(micro, cfg.channels, cfg.image_size, cfg.image_size)
         y = torch.randint(0, cfg.num_classes, (micro,))
-        guided = guidance(sp.guidance).active
+        guided = Guidance.of(sp.guidance).active
         blk = max(model.blocks, key=lambda b: len(b.layers))
         rows = 2 * micro if guided else micro
         autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=sp.dtype == "bfloat16")

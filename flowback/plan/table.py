@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..params import Experiment, Params
-from .classifier import plan_classifier
-from .measure import GIB, H100_BF16_TFLOPS, HEADROOM, Choice, Measure, PlanError, _fake, _memo, inference_model, measure
-from .sample import plan_sample
-from .train import plan_af, plan_train
+from ..params import Params
+from .measure import GIB, H100_BF16_TFLOPS, HEADROOM, Choice, Measure, PlanError, _fake, measure
 
 
 def encode_pass(params: Params, batch: int) -> Measure:
@@ -31,16 +28,6 @@ def world_size(launcher: str) -> int:
     return (int(n.group(1)) if n else 1) * (int(m.group(2) or m.group(1)) if m else 1)
 
 
-@_memo
-def forward_flops(exp: Experiment, batch: int) -> int:
-    """FLOPs of one forward pass (what KV-cached decoding computes per image, token by token)."""
-    with _fake():
-        model = inference_model(exp)
-        cfg = model.cfg
-        x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size)
-        return measure(lambda: model(x), model, x).flops
-
-
 def _val_images(params: Params) -> int:
     d = params.data
     if d.dataset == "digits":
@@ -49,24 +36,13 @@ def _val_images(params: Params) -> int:
 
 
 def plan_rows(params: Params, world: int) -> list[tuple[Choice, float]]:
-    """(choice, GPU-hours at MFU 1) for every run's train / sample / classifier, and the encode step if latent."""
+    """(choice, GPU-hours at MFU 1) for every run's stages (its family's plan), and the encode step if latent."""
+    from ..families import family
+
     rows = []
     for run in params.runs():
         exp = params.run(run)
-        if exp.family == "af":
-            t = plan_af(exp, world)
-            rows.append((t, t.steps * t.measure.flops * world / 1e12 / 3600))
-            continue
-        if exp.trains:  # a milestone run samples another run's model
-            t = plan_train(exp, world)
-            rows.append((t, t.steps * t.measure.flops * t.accumulation * world / 1e12 / 3600))
-        s = plan_sample(exp)
-        n = exp.params.sample.per_class * exp.params.data.num_classes
-        guided = 2 if exp.params.sample.guidance.method != "none" and exp.params.sample.guidance.weight > 0 else 1
-        per_image = s.measure.flops / s.value + guided * forward_flops(exp, 1)
-        rows.append((s, n * per_image / 1e12 / 3600))
-        c = plan_classifier(exp, _val_images(params))
-        rows.append((c, c.steps * c.measure.flops / 1e12 / 3600))
+        rows += family(exp.family).plan(exp, world, _val_images(params))
     if params.data.format == "latent" and params.model.latent is not None:
         m = encode_pass(params, params.data.encode_batch_size)
         rows.append((Choice("-", "encode", params.data.encode_batch_size, False, 1, m, 0), 0.0))

@@ -21,8 +21,8 @@ def _encoder_dim(exp: Experiment) -> int:
 @_memo
 def train_step(exp: Experiment, micro: int, checkpointing: bool) -> Measure:
     """One micro-batch of the real training step (after a first step, so AdamW's state exists), per GPU."""
-    from ..training import align_spec
-    from ..training import Objective, TrainState, checkpoint_layers
+    from ..alignment.objective import Objective, align_spec
+    from ..training import TrainState, checkpoint_layers
 
     p = exp.params
     spec = align_spec(exp)
@@ -31,8 +31,7 @@ def train_step(exp: Experiment, micro: int, checkpointing: bool) -> Measure:
         state = TrainState(exp, enc_dim, torch.device("cpu"))
         if checkpointing:
             checkpoint_layers(state.model)
-        obj = Objective(state.model, state.projectors, spec, p.align.weight if spec else 0.0, p.train.latent_norm_weight,
-                        p.align.position_reduce if spec else "mean")
+        obj = Objective.of(exp, state.model, state.projectors)
         cfg = state.model.cfg
         x = torch.randn(micro, cfg.channels, cfg.image_size, cfg.image_size)
         y = torch.randint(0, cfg.num_classes, (micro,))
@@ -105,42 +104,3 @@ def resolve_train_plan(exp: Experiment, world: int, device: torch.device):
 
     c = plan_train(exp, world)
     return StepPlan(c.value, c.accumulation, c.checkpointing)
-
-
-@_memo
-def af_step(exp: Experiment, batch: int) -> Measure:
-    """One step of an adversarial flow (a D update and a G update) on `batch` images, after a first step."""
-    from ..builders import af_config, af_train_config
-    from ..models.af_objective import AFState, af_train_step
-
-    with _fake():
-        cfg = af_config(exp.params)
-        state = AFState(cfg, af_train_config(exp.params), seed=0, device=None)
-        # deepcopy (AFState's EMA) gives a fake module its own fake mode: rebuild the EMA in this one
-        state.ema = type(state.generator)(cfg).eval().requires_grad_(False)
-        x = torch.randn(batch, *cfg.image_shape)
-        y = torch.randint(0, cfg.num_classes, (batch,))
-        rng = torch.Generator().manual_seed(0)
-
-        def step():
-            af_train_step(state, x, y, rng)
-
-        step()
-        return measure(step, state.generator, state.discriminator, state.ema, state.opt_g, state.opt_d, x, y)
-
-
-def plan_af(exp: Experiment, world: int) -> Choice:
-    """An adversarial flow trains on its whole per-rank share at once (no accumulation): checked, not chosen."""
-    at = exp.params.af.train
-    share = at.batch_size // world
-    if at.batch_size % world:
-        raise PlanError(f"run {exp.run!r}: af.train.batch_size {at.batch_size} does not split over {world} GPUs")
-    budget = _budget(exp.params)
-    if budget is None:
-        return Choice(exp.run, "train", share, False, 1, Measure(0, 0), at.steps)
-    m = af_step(exp, share)
-    if m.peak > budget:
-        raise PlanError(f"run {exp.run!r}: the adversarial flow's step does not fit in runtime.gpu_memory_gib "
-                        f"{exp.params.runtime.gpu_memory_gib} GiB at its per-GPU batch {share} ({m.peak / GIB:.1f} GiB "
-                        f"needed); use more GPUs or a smaller af.train.batch_size")
-    return Choice(exp.run, "train", share, False, 1, m, at.steps)

@@ -4,11 +4,10 @@ samples.png (one panel of samples per experiment, titled with its FID and class 
 
 from __future__ import annotations
 
+from ..families import family
 from ..params import Params
-from . import Outputs
+from . import Outputs, Stage
 
-PER_RUN = False
-LAUNCHED = False
 NOTE_KEYS = ["data.dataset", "data.image_size", "data.classes", "train.steps", "train.seed", "sample.per_class",
              "metrics.network", "metrics.reference_split", "metrics.reference_batch", "metrics.classifier_split",
              "metrics.probe.enabled", "af.nfe"]
@@ -19,12 +18,17 @@ def reads(p: Params) -> list[str]:
 
 
 def inputs(p: Params) -> list[str]:
-    files = ("metrics.json", "train_log.csv", "samples.npz", "sample_timing.json")
-    return [f"{p.run_dir(r)}/{f}" for r in p.runs() for f in files + (("probe.json",) if _probed(p, r) else ())]
+    out = []
+    for r in p.runs():
+        name = r.rpartition("-s")[0]
+        out += [f"{p.run_dir(r)}/{f}" for f in ("metrics.json", "samples.npz")]
+        out += [f"{p.run_dir(r)}/train_log.csv"] if p.experiments[name].milestone is None else []
+        out += [f"{p.run_dir(r)}/probe.json"] if _probed(p, r) else []
+    return out
 
 
 def _probed(p: Params, run: str) -> bool:
-    return p.metrics.probe.enabled and p.trained_as(run.rpartition("-s")[0]).family != "af"
+    return p.metrics.probe.enabled and family(p.trained_as(run.rpartition("-s")[0]).family).has_likelihood
 
 
 def _metrics(p: Params, run: str) -> dict | None:
@@ -40,10 +44,16 @@ def _metrics(p: Params, run: str) -> dict | None:
     return m
 
 
+CAPTIONS = {"ablation.csv": "ablation.rst", "paper.csv": "paper.rst", "samples.png": "samples.rst",
+            "training_curves.png": "training_curves.rst"}  # report/<caption>: what `snakemake --report` shows
+
+
 def outputs(p: Params) -> Outputs:
     d = p.results_dir / "tables"
-    return Outputs(files=[f"{d}/{f}" for f in ("ablation.md", "ablation.csv", "paper.md", "paper.csv",
-                                                "training_curves.png", "samples.png")])
+    files = [f"{d}/{f}" for f in ("ablation.md", "ablation.csv", "paper.md", "paper.csv", "training_curves.png",
+                                  "samples.png")]
+    return Outputs(files=files, report={f: CAPTIONS[f.rpartition("/")[2]] for f in files
+                                        if f.rpartition("/")[2] in CAPTIONS})
 
 
 def note(p: Params) -> str:
@@ -58,10 +68,9 @@ def note(p: Params) -> str:
     if m.probe.enabled:
         text += (" Probe acc. = the best layer's linear probe (logistic regression on token-averaged hidden states, "
                  "fitted on train, scored on val; probe.json of each run names the layer).")
-    if any(e.family == "af" for e in p.experiments.values()):
-        text += (f" Adversarial flow: {p.af.nfe} network evaluation(s) per sample; Acc. is not defined for it (it has "
-                 f"no likelihood, so no training-free classifier). Sampling img/s: one process on this machine, "
-                 f"denoising included for the flows (a timing, not a metric).")
+    if any(not family(e.family).has_likelihood for e in p.experiments.values()):
+        text += (" Acc. and Probe acc. are not defined for a model without a likelihood (no training-free "
+                 "classifier, no encoder direction to probe).")
     if d.dataset == "digits":
         text += (" The embedded default is a toy profile (16x16 digits, minutes of CPU): it shows the mechanism "
                  "(where alignment gradients go, what they do to samples and to the classifier) and its spread over "
@@ -74,7 +83,7 @@ def run(p: Params, progress: bool = True) -> str:
 
     import numpy as np
 
-    from ..io import load_json, write_bytes
+    from ..io import write_bytes
     from ..metrics.generative import load_samples
     from ..plots import image_grid, sample_panels, training_curves
     from ..tables import ablation_frame, paper_frame, paper_markdown, to_markdown
@@ -85,13 +94,12 @@ def run(p: Params, progress: bool = True) -> str:
         e, trains = p.trained_as(name), p.experiments[name].milestone is None  # a milestone's strategy: its source's
         runs = [p.run_dir(f"{name}-s{s}") for s in p.seeds(name)]
         metrics = [_metrics(p, f"{name}-s{s}") for s in p.seeds(name)]
-        timings = [load_json(r / "sample_timing.json") if (r / "sample_timing.json").exists() else None for r in runs]
-        label = f"Adversarial flow ({p.af.nfe} NFE)" if e.family == "af" else None
+        fam = family(e.family)
         rows.append({"experiment": name, "strategy": e.strategy, "position": e.position,
-                     "paper": p.experiments[name].paper,
-                     "runs": metrics, "timings": timings, "label": label,
+                     "paper": p.experiments[name].paper, "runs": metrics, "label": fam.label(p, e),
                      "layer_base": p.align.layer_base})
-        logs[name] = [r / "train_log.csv" for r in runs if (r / "train_log.csv").exists() and e.family != "af" and trains]
+        if trains and "bpd" in fam.log_fields:
+            logs[name] = [r / "train_log.csv" for r in runs if (r / "train_log.csv").exists()]
         first = runs[0] / "samples.npz"
         if first.exists():
             images, labels = load_samples(first, p.data.channels, p.data.image_size)
@@ -114,3 +122,6 @@ def run(p: Params, progress: bool = True) -> str:
     training_curves({k: v for k, v in logs.items() if v}, out / "training_curves.png")
     sample_panels(panels, out / "samples.png")
     return table
+
+
+STAGE = Stage(name="table", doc="the paper-style tables and figures", reads=reads, outputs=outputs, run=run, inputs=inputs, family_methods=("label",))

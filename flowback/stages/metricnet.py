@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from ..data.manifest import data_reads
 from ..params import Params
-from . import RUNTIME, Outputs
+from . import RUNTIME, Outputs, Stage
 
-PER_RUN = False
-LAUNCHED = False
 
 
 def reads(p: Params) -> list[str]:
@@ -61,3 +59,6 @@ def run(p: Params, progress: bool = True) -> str:
                             show_progress=progress)
     return (f"metricnet: train_acc {report['train_acc']:.4f}  val_acc {report['val_acc']:.4f}  "
             f"({report['steps']} steps) -> {m.dir}")
+
+
+STAGE = Stage(name="metricnet", doc="the feature network of FID/sFID/IS/P/R", reads=reads, outputs=outputs, run=run, inputs=inputs)

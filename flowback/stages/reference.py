@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from ..data.manifest import data_reads
 from ..params import Params
-from . import RUNTIME, Outputs
+from . import RUNTIME, Outputs, Stage
 
-PER_RUN = False
-LAUNCHED = False
 KEYS = ["metrics.network", "metrics.dir", "metrics.batch_size", "metrics.reference_split", "metrics.reference_batch",
         "metrics.isc_splits"]
 
@@ -46,3 +44,6 @@ def run(p: Params, progress: bool = True) -> str:
     is_text = f"IS {report['is']:.2f}" if report["is"] is not None else "IS n/a"
     return (f"reference: {ref.count} images of {ref.source} ({mp.network}; FID/sFID statistics from the "
             f"{ref.stats_from}), {is_text} -> {report['file']}")
+
+
+STAGE = Stage(name="reference", doc="the reference statistics of the metrics, once for every run", reads=reads, outputs=outputs, run=run, inputs=inputs)

@@ -4,7 +4,7 @@
 - imagenet, data.format png: ImageNet from data.source, cropped to data.image_size (data.resize), decoded in
   data.workers processes.
 - data.format latent: VAE latents (flowback.data.latents.encode_dataset; on several GPUs: `torchrun --nproc_per_node
-  8 -m stages.prepare`, each rank encoding every 8th shard).
+  8 -m flowback stage prepare`, each rank encoding every 8th shard).
 
 Every shard is read back against the manifest at the end. Resumable: a re-run after a crash rewrites only what is
 missing or damaged.
@@ -16,10 +16,8 @@ from pathlib import Path
 
 from ..data.manifest import MANIFEST
 from ..params import Params
-from . import RUNTIME, Outputs
+from . import RUNTIME, Outputs, Stage
 
-PER_RUN = False
-LAUNCHED = False
 
 
 def reads(p: Params) -> list[str]:
@@ -91,3 +89,6 @@ def run(p: Params, progress: bool = True) -> str:
         extra = {"shard_size": d.shard_size, "source": str(d.source), "wnids": wnids}
     write_manifest(directory, {**prepared_settings(p), **extra, "splits": splits})
     return report(verify(directory), directory)
+
+
+STAGE = Stage(name="prepare", doc="the data set as verified WebDataset shards", reads=reads, outputs=outputs, run=run, inputs=inputs)

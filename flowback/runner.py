@@ -1,7 +1,7 @@
-"""What every `python -m stages.X` command does around its stage's `run`: arguments, params validation, the one
-config object, the run lock, the key file, and clean error exits.
+"""What `python -m flowback stage NAME [RUN]` does around a stage's `run`: params validation, the one config object,
+the run lock, the key file, and clean error exits.
 
-1. Parse `--params` (default params.yaml), `--experiment <experiment>-s<seed>` for per-run stages, `--quiet`.
+1. The stage's name, the run (`<experiment>-s<seed>`, for per-run stages), `--params` (default params.yaml).
 2. Validate every key of the params file (a bad one is one line naming it, exit 2) and build the stage's config:
    the params, or the merged run (flowback.params.Experiment), restricted to the keys the stage declares.
 3. Under DVC, check that dvc.yaml is the one flowback.pipeline generates (else DVC would rerun the wrong things).
@@ -12,7 +12,6 @@ config object, the run lock, the key file, and clean error exits.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -22,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import FlowBackError
-from .params import Experiment, Params, ParamsError, load_params, restrict
+from .errors import FlowBackError, ParamsError
+from .params import Experiment, Params, load_params, restrict
 
 
 class LockedError(FlowBackError):
@@ -82,41 +81,38 @@ def check_under_dvc(pipeline) -> None:
                             f"pipeline` (it rewrites dvc.yaml), then `dvc repro`")
 
 
-def main(stage: str, argv: list[str] | None = None) -> None:
-    """The `python -m stages.<stage>` command; input errors exit 2 with one line, before any work."""
-    from .jobs import job
+def main(name: str, run: str | None, params_file: str = "params.yaml", progress: bool = True) -> int:
+    """`python -m flowback stage NAME [RUN]`: input errors exit 2 with one line, before any work."""
+    from .distributed import env
+    from .pipeline import Pipeline
+    from .stages import stage
 
-    mod = job(stage)
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=(mod.__doc__ or "").split("\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    if mod.PER_RUN:
-        # not `--run`: torchrun would take it for an abbreviation of its own --run-path
-        parser.add_argument("--experiment", required=True, metavar="RUN",
-                            help="a run of the grid: <experiment>-s<seed>, e.g. baseline-s0 (or just the experiment's "
-                                 "name when it has one seed)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    st = stage(name)
     try:
-        from .distributed import env
-        from .pipeline import Pipeline
-
-        params = load_params(args.params)
-        run = params.resolve_run(args.experiment) if mod.PER_RUN else None
-        cfg = params.run(run) if mod.PER_RUN else params
-        if run and not getattr(mod, "applies", lambda _: True)(cfg):
-            raise ParamsError(f"run {run!r} has no {stage} stage: it reads experiments.{cfg.milestone.of}'s "
-                              f"milestone at step {cfg.milestone.step}")
-        pipeline = Pipeline(params, args.params)
+        params = load_params(params_file)
+        if st.per_run and run is None:
+            raise ParamsError(f"stage {name} runs once per run of the grid: name one ({', '.join(params.runs())})")
+        if not st.per_run and run is not None:
+            raise ParamsError(f"stage {name} runs once for the whole grid: it takes no run ({run!r})")
+        run = params.resolve_run(run) if st.per_run else None
+        cfg = params.run(run) if st.per_run else params
+        if not st.enabled(params):
+            raise ParamsError(f"stage {name} is not part of this profile's pipeline ({st.doc}; it is off in "
+                              f"{params_file})")
+        if run and not st.applies(cfg):
+            raise ParamsError(f"run {run!r} has no {name} stage")
+        pipeline = Pipeline(params, params_file)
         check_under_dvc(pipeline)
         rank = env()[0]
-        lock = run_lock(lock_path(params, cfg, stage), f"{stage} {run or ''}".strip()) if rank == 0 \
+        lock = run_lock(lock_path(params, cfg, name), f"{name} {run or ''}".strip()) if rank == 0 \
             else contextlib.nullcontext()
         with lock:
-            summary = mod.run(restricted(cfg, mod.reads(cfg), stage), progress=not args.quiet)
+            summary = st.run(restricted(cfg, st.reads(cfg), name), progress)
         if rank == 0:
-            pipeline.write_stamp(pipeline.instance(stage, run))
+            pipeline.write_stamp(pipeline.instance(name, run))
         if summary:
             print(summary)
+        return 0
     except FlowBackError as e:
-        print(f"stages.{stage}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"flowback stage {name}: error: {e}", file=sys.stderr)
+        return 2

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from ..data.manifest import data_reads
 from ..params import Params
-from . import RUNTIME, Outputs
+from . import RUNTIME, Outputs, Stage
 
-PER_RUN = False
-LAUNCHED = False
 
 
 def reads(p: Params) -> list[str]:
@@ -25,7 +23,10 @@ def inputs(p: Params) -> list[str]:
 
 def outputs(p: Params) -> Outputs:
     d = p.encoder.dir
-    return Outputs(persist=[f"{d}/model.safetensors", f"{d}/config.json"], metrics=[f"{d}/metrics.json"])
+    weights = [f"{d}/model.safetensors", f"{d}/config.json"]
+    if p.encoder.train is None:  # fetched weights the stage only checks: they must survive a rerun
+        return Outputs(persist=weights, metrics=[f"{d}/metrics.json"])
+    return Outputs(outs=weights, metrics=[f"{d}/metrics.json"])
 
 
 def run(p: Params, progress: bool = True) -> str:
@@ -63,3 +64,6 @@ def run(p: Params, progress: bool = True) -> str:
     save_json(f"{ep.dir}/metrics.json", report)
     return (f"encoder {cfg.arch}: probe accuracy train {report['train_acc']:.3f}, val {report['val_acc']:.3f} "
             f"({seconds:.0f} s)")
+
+
+STAGE = Stage(name="encoder", doc="the frozen alignment encoder (trained on the digits, or fetched and checked)", reads=reads, outputs=outputs, run=run, inputs=inputs)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from ..data.manifest import data_reads
 from ..params import Params
-from . import RUNTIME, Outputs
+from . import RUNTIME, Outputs, Stage
 
-PER_RUN = False
-LAUNCHED = False
 
 
 def enabled(p: Params) -> bool:
@@ -87,3 +85,6 @@ def run(p: Params, progress: bool = True) -> str:
     state.unlink(missing_ok=True)
     return (f"decoder: fine-tuned on noisy latents (sigma {sigma}) for {dp.steps} steps: reconstruction MSE "
             f"{before['mse']:.4f} -> {after['mse']:.4f} -> {dp.dir}")
+
+
+STAGE = Stage(name="decoder", doc="STARFlow's VAE decoder fine-tuned on noisy latents (latent profiles that enable it)", reads=reads, outputs=outputs, run=run, enabled=enabled, inputs=inputs)

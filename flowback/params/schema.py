@@ -1,8 +1,9 @@
-"""The one schema for `params.yaml`, validated before any stage does work.
+"""The schema of `params.yaml`: one pydantic model per section, every key typed, unknown keys rejected.
 
-Every key is typed; unknown keys are rejected; errors name the key by its path (`model.width`,
-`experiments.rrepa_78.position`). Cross-field rules (an alignment block beyond the model's blocks, a layer beyond a
-block's depth, latent mode without a VAE) are checked here too, so a bad grid stops in a second, not after an hour.
+Errors name the key by its path (`model.width`, `experiments.rrepa_78.position`). Cross-field rules (an alignment block
+beyond the model's blocks, a layer beyond a block's depth, latent mode without a VAE) are checked here too, so a bad
+grid stops in a second, not after an hour. Named choices come from the modules that implement them
+(flowback/alignment/choices.py, flowback/models/choices.py, the family registry).
 
 Numbering convention (the paper's): blocks are numbered 1..N in the forward (density) direction, x -> block 1 -> ...
 -> block N -> z; generation runs N -> 1, so "7&8" of an 8-block model are the first blocks applied to z.
@@ -11,28 +12,22 @@ Layers are numbered 1..L inside a block; "layer l" is the residual stream after 
 
 from __future__ import annotations
 
-import copy
-import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
-from typing import Annotated, Union, get_args, get_origin
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from ..alignment.choices import ENCODER_OBJECTIVES, POSITION_REDUCE, REVERSE_GRADS, STRATEGIES, TARGET_GRIDS
+from ..errors import ParamsError
+from ..families import FAMILIES
+from ..models.choices import JACOBI_INITS, SOLVERS
 
-from .alignment.positions import PositionError, parse_position
-from .errors import FlowBackError
-
-
-class ParamsError(FlowBackError, ValueError):
-    """params.yaml is invalid; the message names every offending key by its path."""
-
+if TYPE_CHECKING:
+    from .grid import Experiment
 
 # Seeds go to torch.Generator.manual_seed and numpy, and are mixed with step numbers: non-negative and 31-bit.
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1, description="a non-negative 31-bit integer")]
-
 
 def _takes_bool(annotation: Any) -> bool:
     if annotation is bool or annotation is Any:
@@ -70,9 +65,9 @@ def _kind(annotation: Any) -> str:
     return "a value of type " + text.replace("typing.", "")
 
 
-# ----------------------------------------------------------------------------------------------------------- data
+
 class DataParams(Strict):
-    """Where the training data comes from and how it is turned into shards (`python -m stages.prepare`).
+    """Where the training data comes from and how it is turned into shards (`python -m flowback stage prepare`).
 
     digits: scikit-learn's 8x8 digits, shipped in the package (the embedded default), split by `val_fraction`.
     imagenet: ImageNet-1k from `source` (a folder with train/ and val/ holding one folder of JPEGs per class, or the
@@ -134,7 +129,7 @@ class EncoderTrainSpec(TrainSpec):
     """How the default profile's alignment encoder is trained: with the labels (supervised), or without (simclr:
     contrastive views of each image, flowback/alignment/pretrain.py), so its features are more than a class label."""
 
-    objective: Literal["supervised", "simclr"] = "supervised"
+    objective: Literal[ENCODER_OBJECTIVES] = "supervised"
     temperature: float = Field(0.1, gt=0, description="simclr: the NT-Xent temperature")
 
 
@@ -168,6 +163,8 @@ class ProbeParams(Strict):
     max_train: int | None = Field(None, ge=10, description="fit on a fixed random subset of this many train images "
                                                            "(memory: images x width floats per layer)")
     batch_size: int = Field(256, ge=1, description="images per forward pass")
+    select_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of the (subset of the) train split held "
+                                                                    "out to choose the best layer; val only reports")
     seed: Seed = 0
 
 
@@ -189,6 +186,9 @@ class MetricParams(Strict):
     prc_neighborhood: int = Field(3, ge=1)
     batch_size: int = Field(256, ge=1)
     classifier_split: Literal["train", "val"] = "val"
+    exhaustive_classifier: bool = Field(
+        False, description="also score argmax_k log p(x|k) (K forward passes per image: the digits' 10 classes, not "
+                           "ImageNet's 1000), beside the one-step training-free classifier")
     classifier_batch_size: int | Literal["auto"] = Field(
         128, description="images per backward pass of the training-free classifier; auto = the memory plan's choice")
     probe: ProbeParams = ProbeParams()
@@ -310,7 +310,7 @@ class AlignParams(Strict):
 
     weight: float = Field(0.5, ge=0, description="lambda in NLL + lambda * alignment")
     projector_dim: int = Field(256, ge=8)
-    reverse_grad: Literal["paper", "exact", "newest"] = Field(
+    reverse_grad: Literal[REVERSE_GRADS] = Field(
         "paper", description="which dependences the reverse strategy's gradient keeps: paper = the pseudo-reverse "
                              "(forward context, one parallel pass); exact = the true inverse's gradient (implicit "
                              "adjoint); newest = through each token's own inverse step only")
@@ -320,10 +320,10 @@ class AlignParams(Strict):
                                                      "layer) or from 0")
     default_layer: Literal["last"] | int = Field(
         "last", description="the layer a position without one means: the block's last, or a number in layer_base")
-    target_grid: Literal["upsample", "pool", "dino448"] = Field(
+    target_grid: Literal[TARGET_GRIDS] = Field(
         "upsample", description="how encoder patches meet flow tokens: upsample the encoder grid, pool the flow "
                                 "tokens onto it, or run the encoder at flow grid x its patch (DINOv2 at 448 px)")
-    position_reduce: Literal["mean", "sum"] = Field("mean", description="the alignment term over several positions")
+    position_reduce: Literal[POSITION_REDUCE] = Field("mean", description="the alignment term over several positions")
 
     @field_validator("default_layer", mode="before")
     @classmethod
@@ -361,7 +361,7 @@ class JacobiParams(Strict):
                                                        "order) before the sequential fallback")
     segments: int | list[int] = Field(1, description="gs_jacobi: Gauss-Seidel segments per block")
     window: int | list[int] = Field(0, description="gs_jacobi: > 0 = a sliding window of this many tokens")
-    init: Literal["noise", "zeros"] | list[Literal["noise", "zeros"]] = Field(
+    init: Literal[JACOBI_INITS] | list[Literal[JACOBI_INITS]] = Field(
         "noise", description="first iterate: noise (u = v) or zeros")
 
 
@@ -379,7 +379,7 @@ class SampleParams(Strict):
     denoise_scale: float = Field(1.0, gt=0.0, description="x + m * sigma^2 * score: m (ml-tarflow's multiplier)")
     seed: Seed = 1
     kv_cache: bool = True
-    solver: Literal["sequential", "jacobi", "gs_jacobi"] = Field(
+    solver: Literal[SOLVERS] = Field(
         "sequential", description="sequential: token by token (KV-cached); jacobi / gs_jacobi: parallel fixed-point "
                                   "iterations (sample.jacobi)")
     jacobi: JacobiParams = JacobiParams()
@@ -471,12 +471,6 @@ class AFParams(Strict):
 
 
 # ---------------------------------------------------------------------------------------------------- experiments
-STRATEGIES = ("none", "forward", "detach", "reverse")
-
-
-TARFLOW_ONLY = ("model", "align", "encoder")  # sections an `af` experiment may not override
-
-
 class MilestoneRef(Strict):
     of: str = Field(description="the experiment whose training this reads: `step` is in its train.milestones, or is "
                                 "its last step (its model.pt: the same model sampled another way, e.g. guided)")
@@ -487,8 +481,9 @@ MILESTONE_OVERRIDABLE = ("sample", "metrics", "runtime")  # what a milestone exp
 
 
 class ExperimentParams(Strict):
-    family: Literal["tarflow", "af"] = Field("tarflow", description="af: an adversarial flow (the af: section)")
-    strategy: Literal["none", "forward", "detach", "reverse"] = "none"
+    family: Literal[FAMILIES] = Field("tarflow", description="the model family (flowback/families/): tarflow = "
+                                                             "TARFlow / STARFlow, af = an adversarial flow")
+    strategy: Literal[("none", *STRATEGIES)] = "none"
     position: str | None = None
     seeds: list[Seed] | None = Field(None, min_length=1,
                                      description="training seeds, one run each (default: [train.seed])")
@@ -502,7 +497,7 @@ class ExperimentParams(Strict):
     @classmethod
     def _known_row(cls, v: str | None) -> str | None:
         if v is not None:
-            from .paper import row  # pipeline: validation only
+            from ..paper import row  # pipeline: validation only
 
             try:
                 row(v)
@@ -518,14 +513,11 @@ class ExperimentParams(Strict):
         return v
 
     @model_validator(mode="after")
-    def _af_has_no_alignment(self) -> "ExperimentParams":
-        if self.family == "af":
-            if self.strategy != "none":
-                raise ValueError(f"strategy {self.strategy!r}: alignment strategies are TARFlow's (the adversarial "
-                                 f"flow paper aligns no features); use strategy none for family af")
-            bad = [k for k in self.overrides if k in TARFLOW_ONLY]
-            if bad:
-                raise ValueError(f"overrides.{bad[0]}: a TARFlow setting; family af is configured by the af: section")
+    def _family_rules(self) -> "ExperimentParams":
+        """What the family itself forbids (an adversarial flow takes no alignment strategy, ...)."""
+        from ..families import family
+
+        family(self.family).check_experiment(self)
         return self
 
     @model_validator(mode="after")
@@ -614,6 +606,8 @@ class Params(Strict):
 
     def runs(self) -> list[str]:
         """Every run of the grid: one per experiment and training seed, named `<experiment>-s<seed>`."""
+        from .grid import run_id
+
         return [run_id(name, seed) for name in self.experiments for seed in self.seeds(name)]
 
     def run_dir(self, run: str) -> Path:
@@ -621,6 +615,8 @@ class Params(Strict):
 
     def resolve_run(self, text: str) -> str:
         """A run id from `<experiment>-s<seed>`, or from an experiment's name when it has a single seed."""
+        from .grid import run_id
+
         if text in self.experiments:
             seeds = self.seeds(text)
             if len(seeds) == 1:
@@ -631,279 +627,12 @@ class Params(Strict):
 
     def run(self, run: str) -> "Experiment":
         """The fully merged, validated configuration of one run (`<experiment>-s<seed>`) of the grid."""
+        from .grid import experiment, split_run_id
+
         name, seed = split_run_id(run)
         if name not in self.experiments or seed not in self.seeds(name):
             raise ParamsError(f"experiments: no run named {run!r}; runs are <experiment>-s<seed>: "
                               f"{', '.join(self.runs())}")
-        return _experiment(self, name, seed)
+        return experiment(self, name, seed)
 
 
-def run_id(name: str, seed: int) -> str:
-    return f"{name}-s{seed}"
-
-
-def split_run_id(run: str) -> tuple[str, int]:
-    name, sep, seed = run.rpartition("-s")
-    if not sep or not seed.isdigit():
-        raise ParamsError(f"run {run!r}: expected <experiment>-s<seed>, e.g. baseline-s0")
-    return name, int(seed)
-
-
-class Experiment(BaseModel):
-    """One run of the grid: the top-level params with the experiment's overrides and seed applied (`params`, whose
-    registry holds only this experiment), its alignment positions and its run directory. The one config object an
-    experiment stage receives."""
-
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-    name: str
-    seed: int
-    params: Params
-    family: str
-    strategy: str
-    position: str | None
-    positions: list[tuple[int, int]]
-    paper: str | None = None
-    milestone: MilestoneRef | None = None
-
-    @property
-    def run(self) -> str:
-        return run_id(self.name, self.seed)
-
-    @property
-    def run_dir(self) -> Path:
-        return self.params.run_dir(self.run)
-
-    @property
-    def source_keys(self) -> list[str]:
-        """The params that say which model this run reads: its experiments: entry, and for a milestone also the
-        trained experiment's entry and train.steps (whether the step is its model.pt or a milestone file)."""
-        if self.milestone is None:
-            return [f"experiments.{self.name}"]
-        return [f"experiments.{self.name}", f"experiments.{self.milestone.of}", "train.steps"]
-
-    @property
-    def trains(self) -> bool:
-        """False for a milestone experiment: it reads another run's model."""
-        return self.milestone is None
-
-    @property
-    def checkpoint(self) -> Path:
-        """The model this run samples and scores: its own model.pt, or the milestone of the run it reads."""
-        if self.milestone is None:
-            return self.run_dir / "model.pt"
-        source = self.params.run_dir(run_id(self.milestone.of, self.seed))
-        if self.milestone.step == self.params.train.steps:  # the last step: the trained model itself
-            return source / "model.pt"
-        return milestone_path(source, self.milestone.step)
-
-
-def milestone_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "milestones" / f"step_{step}.pt"
-
-
-def _deep_merge(base: dict, over: dict, path: str) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if k not in out:
-            raise ParamsError(f"{path}.{k}: unknown key (overrides may only change keys that exist)")
-        if isinstance(v, dict) and isinstance(out[k], dict):
-            out[k] = _deep_merge(out[k], v, f"{path}.{k}")
-        else:
-            out[k] = v
-    return out
-
-
-def _experiment(params: Params, name: str, seed: int) -> Experiment:
-    exp = spec = params.experiments[name]
-    base = params.model_dump(mode="python")
-    where = f"experiments.{name}.overrides"
-    if "experiments" in exp.overrides:
-        raise ParamsError(f"{where}.experiments: an experiment cannot override the registry")
-    merged = base
-    if exp.milestone is not None:  # the trained experiment's settings, then this one's sampling/metrics overrides
-        spec = params.experiments[exp.milestone.of]
-        if spec.family == "af":
-            raise ParamsError(f"experiments.{name}.milestone: milestones are saved by flow training; "
-                              f"{exp.milestone.of} is an adversarial flow")
-        source = _experiment(params, exp.milestone.of, seed)
-        st = source.params.train
-        if exp.milestone.step not in st.milestones and exp.milestone.step != st.steps:
-            raise ParamsError(f"experiments.{name}.milestone.step: {exp.milestone.step} is not in experiments."
-                              f"{exp.milestone.of}'s train.milestones {st.milestones} nor its last step {st.steps}")
-        merged = _deep_merge(merged, spec.overrides, f"experiments.{exp.milestone.of}.overrides")
-    merged = _deep_merge(merged, exp.overrides, where) if exp.overrides else merged
-    merged["train"]["seed"] = seed
-    merged["experiments"] = {k: base["experiments"][k] for k in (name, exp.milestone and exp.milestone.of) if k}
-    merged_params = validate(merged, where=where if exp.overrides else None)
-    positions: list[tuple[int, int]] = []
-    if spec.position is not None:
-        try:
-            a = merged_params.align
-            positions = parse_position(spec.position, merged_params.model.layers_per_block(), a.default_layer,
-                                       a.layer_base)
-        except PositionError as e:
-            raise ParamsError(f"experiments.{name}.position: {e}") from None
-    layers = merged_params.metrics.probe.layers
-    if spec.family == "tarflow" and layers != "every":
-        try:
-            parse_position(layers, merged_params.model.layers_per_block(), merged_params.align.default_layer,
-                           merged_params.align.layer_base)
-        except PositionError as e:
-            raise ParamsError(f"metrics.probe.layers: {e}") from None
-    return Experiment(name=name, seed=seed, params=merged_params, family=spec.family, strategy=spec.strategy,
-                      position=spec.position, positions=positions, paper=exp.paper, milestone=exp.milestone)
-
-
-def _format(err: ValidationError, where: str | None) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if where:
-            loc = f"{where}: {loc}"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        got = e.get("input")
-        suffix = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {loc}: {msg}{suffix}")
-    if len(lines) == 1:
-        return "invalid params: " + lines[0].strip()
-    return "invalid params:\n" + "\n".join(lines)
-
-
-def validate(raw: dict[str, Any], where: str | None = None) -> Params:
-    if not isinstance(raw, dict):
-        raise ParamsError("invalid params: the top level must be a mapping of keys")
-    try:
-        params = Params.model_validate(raw)
-    except ValidationError as e:
-        raise ParamsError(_format(e, where)) from None
-    return params
-
-
-def validate_all(params: Params) -> Params:
-    """Resolve every run (overrides, seeds and positions) so a bad row fails now, not when its turn comes."""
-    for run in params.runs():
-        params.run(run)
-    return params
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key repeated in one mapping is an error: YAML's last-one-wins would
-    silently change what an experiment or a section means."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise ParamsError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first at line "
-                                  f"{seen[key] + 1}); YAML would silently keep only the last one")
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
-def read_yaml(path: str | Path) -> Any:
-    """Parse a params file strictly: duplicate keys and an empty file are errors naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"{path}: params file not found")
-    text = path.read_text()
-    try:
-        raw = yaml.load(text, Loader=_StrictLoader)
-    except ParamsError as e:
-        raise ParamsError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    if raw is None:
-        raise ParamsError(f"{path}: the params file is empty (only comments or blank lines); FlowBack never falls "
-                          f"back to built-in defaults: copy params.yaml or a file from profiles/")
-    return raw
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    raw = read_yaml(path)
-    try:
-        return validate_all(validate(raw))
-    except ParamsError as e:
-        raise ParamsError(f"{path}: {e}") from None
-
-
-# --------------------------------------------------------------------------------------------- declared reads only
-class UndeclaredParamError(FlowBackError, AttributeError):
-    """A stage read a params key its pipeline spec does not list (so dvc and snakemake would not rerun it)."""
-
-
-class Undeclared:
-    """Stands in for a params value a stage did not declare: any use of it is an UndeclaredParamError naming the key,
-    so a stage's declared reads (its DVC params and Snakemake params) can never silently fall short."""
-
-    __slots__ = ("_key", "_stage")
-
-    def __init__(self, key: str, stage: str):
-        object.__setattr__(self, "_key", key)
-        object.__setattr__(self, "_stage", stage)
-
-    def _fail(self, *args, **kwargs):
-        key, stage = object.__getattribute__(self, "_key"), object.__getattribute__(self, "_stage")
-        raise UndeclaredParamError(f"stage {stage!r} read params key {key!r}, which its `reads()` in "
-                                   f"flowback/jobs/{stage}.py does not list; list it so dvc and snakemake rerun the "
-                                   f"stage when it changes")
-
-    def __repr__(self) -> str:
-        return f"<undeclared params key {object.__getattribute__(self, '_key')}>"
-
-    __getattr__ = __bool__ = __int__ = __float__ = __index__ = __str__ = __format__ = __fspath__ = _fail
-    __iter__ = __len__ = __getitem__ = __contains__ = __hash__ = __eq__ = __ne__ = __lt__ = __le__ = _fail
-    __gt__ = __ge__ = __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _fail
-    __rtruediv__ = __floordiv__ = __mod__ = __neg__ = __call__ = _fail
-
-
-def _restrict(node: BaseModel, path: str, keys: set[str], stage: str) -> BaseModel:
-    update = {}
-    for name in type(node).model_fields:
-        key = f"{path}{name}"
-        if key in keys:
-            continue
-        value = getattr(node, name)
-        below = any(k.startswith(key + ".") for k in keys)
-        if below and isinstance(value, BaseModel):
-            update[name] = _restrict(value, key + ".", keys, stage)
-        elif below and isinstance(value, dict):
-            update[name] = {k: (v if f"{key}.{k}" in keys else
-                                _restrict(v, f"{key}.{k}.", keys, stage) if isinstance(v, BaseModel) and
-                                any(s.startswith(f"{key}.{k}.") for s in keys) else Undeclared(f"{key}.{k}", stage))
-                            for k, v in value.items()}
-        else:
-            update[name] = Undeclared(key, stage)
-    return node.model_copy(update=update)
-
-
-def restrict(params: Params, keys: list[str], stage: str) -> Params:
-    """`params` with every value outside `keys` (dotted paths; a key covers everything below it) replaced by an
-    Undeclared stand-in: what a stage receives, so it can read nothing it did not declare."""
-    for k in keys:
-        _lookup(params, k)  # a declared key must exist
-    return _restrict(params, "", set(keys), stage)
-
-
-def _lookup(node: Any, key: str) -> Any:
-    for part in key.split("."):
-        if isinstance(node, BaseModel) and part in type(node).model_fields:
-            node = getattr(node, part)
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            raise KeyError(f"declared params key {key!r} does not exist")
-    return node
-
-
-def values(params: Params, keys: list[str]) -> dict[str, Any]:
-    """{key: JSON value} of declared keys: what dvc records in dvc.lock and snakemake in its params."""
-    out = {}
-    for k in sorted(set(keys)):
-        v = _lookup(params, k)
-        out[k] = v.model_dump(mode="json") if isinstance(v, BaseModel) else json.loads(json.dumps(
-            {kk: (vv.model_dump(mode="json") if isinstance(vv, BaseModel) else vv) for kk, vv in v.items()}
-            if isinstance(v, dict) else v, default=str))
-    return out

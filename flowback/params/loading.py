@@ -1,0 +1,97 @@
+"""Reading a params file: strict YAML (a repeated key is an error), validation with errors that name the key, and
+every run of the grid resolved up front, so a bad row fails before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import ParamsError
+from .schema import Params
+
+def _format(err: ValidationError, where: str | None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if where:
+            loc = f"{where}: {loc}"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        suffix = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{suffix}")
+    if len(lines) == 1:
+        return "invalid params: " + lines[0].strip()
+    return "invalid params:\n" + "\n".join(lines)
+
+
+def validate(raw: dict[str, Any], where: str | None = None) -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError("invalid params: the top level must be a mapping of keys")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_format(e, where)) from None
+    return params
+
+
+def validate_all(params: Params) -> Params:
+    """Resolve every run (overrides, seeds and positions) so a bad row fails now, not when its turn comes."""
+    for run in params.runs():
+        params.run(run)
+    return params
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error: YAML's last-one-wins would
+    silently change what an experiment or a section means."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ParamsError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first at line "
+                                  f"{seen[key] + 1}); YAML would silently keep only the last one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a params file strictly: duplicate keys and an empty file are errors naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found")
+    if not path.is_file():
+        raise ParamsError(f"{path}: is a directory, not a params file (e.g. params.yaml or profiles/imagenet64.yaml)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not a UTF-8 text file (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                          f"a params file is YAML text") from None
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if raw is None:
+        raise ParamsError(f"{path}: the params file is empty (only comments or blank lines); FlowBack never falls "
+                          f"back to built-in defaults: copy params.yaml or a file from profiles/")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    raw = read_yaml(path)
+    try:
+        return validate_all(validate(raw))
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+
+

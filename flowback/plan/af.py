@@ -1,0 +1,48 @@
+"""An adversarial flow's training step, checked against the budget (its own module, so a flow run's plan - and its
+stages' code dependencies - hold none of the adversarial flow's code)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..params import Experiment
+from .measure import GIB, Choice, Measure, PlanError, _budget, _fake, _memo, measure
+
+
+@_memo
+def af_step(exp: Experiment, batch: int) -> Measure:
+    """One step of an adversarial flow (a D update and a G update) on `batch` images, after a first step."""
+    from ..families.af import af_config, af_train_config
+    from ..models.af_objective import AFState, af_train_step
+
+    with _fake():
+        cfg = af_config(exp.params)
+        state = AFState(cfg, af_train_config(exp.params), seed=0, device=None)
+        # deepcopy (AFState's EMA) gives a fake module its own fake mode: rebuild the EMA in this one
+        state.ema = type(state.generator)(cfg).eval().requires_grad_(False)
+        x = torch.randn(batch, *cfg.image_shape)
+        y = torch.randint(0, cfg.num_classes, (batch,))
+        rng = torch.Generator().manual_seed(0)
+
+        def step():
+            af_train_step(state, x, y, rng)
+
+        step()
+        return measure(step, state.generator, state.discriminator, state.ema, state.opt_g, state.opt_d, x, y)
+
+
+def plan_af(exp: Experiment, world: int) -> Choice:
+    """An adversarial flow trains on its whole per-rank share at once (no accumulation): checked, not chosen."""
+    at = exp.params.af.train
+    share = at.batch_size // world
+    if at.batch_size % world:
+        raise PlanError(f"run {exp.run!r}: af.train.batch_size {at.batch_size} does not split over {world} GPUs")
+    budget = _budget(exp.params)
+    if budget is None:
+        return Choice(exp.run, "train", share, False, 1, Measure(0, 0), at.steps)
+    m = af_step(exp, share)
+    if m.peak > budget:
+        raise PlanError(f"run {exp.run!r}: the adversarial flow's step does not fit in runtime.gpu_memory_gib "
+                        f"{exp.params.runtime.gpu_memory_gib} GiB at its per-GPU batch {share} ({m.peak / GIB:.1f} GiB "
+                        f"needed); use more GPUs or a smaller af.train.batch_size")
+    return Choice(exp.run, "train", share, False, 1, m, at.steps)
