@@ -362,6 +362,9 @@ class GuidanceParams(Strict):
     blocks: Literal["auto", "all", "deep"] = Field(
         "auto", description="which conditioned blocks are guided: auto = every one for tarflow, the deep block for "
                             "starflow; all = every conditioned block (ml-starflow)")
+    attn_temp_on: Literal["uncond", "all"] = Field(
+        "uncond", description="where attn_temp divides the attention logits: the unconditional pass (ml-tarflow) or "
+                              "every sampling pass, both guided halves and unguided blocks (ml-starflow)")
 
     @model_validator(mode="after")
     def _weight_needs_method(self) -> "GuidanceParams":

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 def guidance(g: "GuidanceParams") -> Guidance:
     """The guidance rule sample.guidance describes."""
-    return Guidance(g.method, g.weight, g.anneal, g.guide_what, g.attn_temp, g.blocks)
+    return Guidance(g.method, g.weight, g.anneal, g.guide_what, g.attn_temp, g.blocks, g.attn_temp_on)
 
 
 def solver(s: "SampleParams") -> Solver:

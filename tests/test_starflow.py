@@ -103,7 +103,8 @@ def test_block_is_causal_in_its_own_order(name):
 
 @pytest.mark.parametrize("name", OPTIONS)
 @pytest.mark.parametrize("guidance", [None, Guidance("tarflow", 1.5, attn_temp=0.7),
-                                      Guidance("starflow", 1.5, anneal=True, blocks="all")])
+                                      Guidance("starflow", 1.5, anneal=True, blocks="all"),
+                                      Guidance("starflow", 1.5, attn_temp=0.8, attn_temp_on="all")])
 def test_kv_cached_sampling_equals_uncached(name, guidance):
     model = make_model(std=0.05, **OPTIONS[name])
     z = torch.randn(3, model.cfg.num_tokens, model.cfg.token_dim, generator=torch.Generator().manual_seed(2))
