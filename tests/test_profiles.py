@@ -65,6 +65,12 @@ def test_starflow256_is_the_papers_class_conditional_layout(profiles):
     assert cfg.cond_blocks == "deep" and cfg.cond_token and cfg.start_token and cfg.final_norm
     assert (cfg.pos_embed, cfg.scale, cfg.soft_clip) == ("rope", "softplus", 4.0)
     assert (p.model.noise_std, p.model.label_drop, p.train.latent_norm_weight) == (0.3, 0.1, 1e-4)
+    # ml-starflow's own layout: block order, 3-D RoPE by processing order, learned null label, its latent-norm form
+    assert (cfg.mlp, cfg.seq_order, cfg.rope_layout, cfg.rope_order, cfg.null_class) == ("gelu", "L2R", "3d", "sequence",
+                                                                                         "learned")
+    assert p.train.latent_norm_form == "starflow" and p.sample.guidance.attn_temp_on == "all"
+    assert [b.flip for b in TARFlow(cfg.__class__(**{**cfg.to_dict(), "width": 64, "layers": [1] * 6})).blocks] == \
+        [True, False, True, False, True, False]  # the deep block (6) generates in raster order
     assert p.data.format == "latent" and p.model.latent.hub == "stabilityai/sd-vae-ft-ema"
     with torch.device("meta"):
         model = TARFlow(cfg)
