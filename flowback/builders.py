@@ -31,4 +31,9 @@ def flow_config(params: Params) -> FlowConfig:
         scale=m.scale,
         soft_clip=m.soft_clip,
         cond_token=m.cond_token,
+        mlp=m.mlp,
+        seq_order=m.seq_order,
+        rope_layout=m.rope_layout,
+        rope_order=m.rope_order,
+        null_class=m.null_class,
     )

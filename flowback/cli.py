@@ -6,6 +6,8 @@
   flowback pipeline [--params F] [--check]         write dvc.yaml from params.yaml and the code (or check it)
   flowback weights fetch [--params params.yaml]    download the networks the profile needs (skips verified ones)
   flowback weights verify [--params params.yaml]   re-hash them, load them through the stages' loaders, run each once
+  flowback weights import --from ml-tarflow|ml-starflow CKPT --params F --experiment RUN [--force]
+                                                   a reference checkpoint as that run's model.pt (sample/evaluate/probe)
   flowback data verify [--params params.yaml]      re-read every shard of the prepared data against its manifest
 """
 
@@ -80,6 +82,12 @@ def _sources(pairs: list[str]) -> dict[str, str]:
 
 
 def weights(args: argparse.Namespace) -> int:
+    if args.action == "import":
+        from .weight_import import import_weights  # imports torch
+
+        dest = import_weights(args.kind, args.checkpoint, args.params, args.experiment, overwrite=args.force)
+        print(f"{dest}: written from {args.kind} checkpoint {args.checkpoint}")
+        return 0
     from . import weights as w  # imports torch: only the weights commands pay for it
 
     params = load_params(args.params)
@@ -141,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     p_fetch.add_argument("--quiet", action="store_true", help="no download progress bars")
     p_verify = actions.add_parser("verify", help="check hashes, load each network and run it once; exit 0 if all pass")
     p_verify.add_argument("--params", default="params.yaml")
+    p_import = actions.add_parser("import", help="convert an ml-tarflow / ml-starflow checkpoint into a run's model.pt")
+    p_import.add_argument("--from", dest="kind", required=True, choices=["ml-tarflow", "ml-starflow"])
+    p_import.add_argument("checkpoint", metavar="CKPT", help="the reference's state_dict file (.pth)")
+    p_import.add_argument("--params", default="params.yaml")
+    p_import.add_argument("--experiment", required=True, metavar="RUN",
+                          help="the run to write: <experiment>-s<seed>, or an experiment with one seed")
+    p_import.add_argument("--force", action="store_true", help="replace the run's existing model.pt")
     p_data = sub.add_parser("data", help="verify the prepared data shards")
     p_data.add_argument("action", choices=["verify"])
     p_data.add_argument("--params", default="params.yaml")

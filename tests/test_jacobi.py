@@ -21,7 +21,10 @@ SOLVERS = {
     "gs_segments": Solver("gs_jacobi", tol=1e-6, segments=(3, 1, 4), max_iters=64, init=("noise", "zeros", "noise")),
     "gs_window": Solver("gs_jacobi", tol=1e-6, window=5, max_iters=64),
 }
-GUIDANCE = [None, Guidance("tarflow", 1.5, anneal=True, attn_temp=0.6), Guidance("starflow", 1.0, blocks="all")]
+ML_STARFLOW = {**STAR, "mlp": "geglu", "seq_order": "L2R", "rope_layout": "3d", "rope_order": "sequence",
+               "null_class": "learned", "width": 40, "head_dim": 20}
+GUIDANCE = [None, Guidance("tarflow", 1.5, anneal=True, attn_temp=0.6), Guidance("starflow", 1.0, blocks="all"),
+            Guidance("starflow", 1.0, attn_temp=0.8, attn_temp_on="all")]
 
 
 def make_model(seed=0, **kw):
@@ -35,8 +38,8 @@ def noise(model, n=3, seed=2):
 Y = torch.tensor([0, 3, 4])
 
 
-@pytest.mark.parametrize("arch", [{}, STAR], ids=["tarflow", "starflow"])
-@pytest.mark.parametrize("guidance", GUIDANCE, ids=["unguided", "tarflow", "starflow"])
+@pytest.mark.parametrize("arch", [{}, STAR, ML_STARFLOW], ids=["tarflow", "starflow", "ml_starflow"])
+@pytest.mark.parametrize("guidance", GUIDANCE, ids=["unguided", "tarflow", "starflow", "temp_all"])
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_parallel_solvers_equal_the_sequential_sample(arch, guidance, solver):
     model = make_model(**arch)

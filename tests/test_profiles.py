@@ -65,6 +65,12 @@ def test_starflow256_is_the_papers_class_conditional_layout(profiles):
     assert cfg.cond_blocks == "deep" and cfg.cond_token and cfg.start_token and cfg.final_norm
     assert (cfg.pos_embed, cfg.scale, cfg.soft_clip) == ("rope", "softplus", 4.0)
     assert (p.model.noise_std, p.model.label_drop, p.train.latent_norm_weight) == (0.3, 0.1, 1e-4)
+    # ml-starflow's own layout: block order, 3-D RoPE by processing order, learned null label, its latent-norm form
+    assert (cfg.mlp, cfg.seq_order, cfg.rope_layout, cfg.rope_order, cfg.null_class) == ("gelu", "L2R", "3d", "sequence",
+                                                                                         "learned")
+    assert p.train.latent_norm_form == "starflow" and p.sample.guidance.attn_temp_on == "all"
+    assert [b.flip for b in TARFlow(cfg.__class__(**{**cfg.to_dict(), "width": 64, "layers": [1] * 6})).blocks] == \
+        [True, False, True, False, True, False]  # the deep block (6) generates in raster order
     assert p.data.format == "latent" and p.model.latent.hub == "stabilityai/sd-vae-ft-ema"
     with torch.device("meta"):
         model = TARFlow(cfg)
@@ -94,7 +100,7 @@ def test_profiles_name_the_pretrained_networks_to_fetch(profiles):
             assert nets["encoder"].source == "vit_base_patch14_dinov2.lvd142m"
 
 
-def test_metricnet_converts_fetched_inception_to_safetensors(tmp_path):
+def test_metricnet_converts_fetched_inception_to_safetensors(tmp_path, one_thread):
     """Paper profiles: the fetched torch-fidelity file becomes {metrics.dir}/model.safetensors, same features."""
     from flowback.metrics.inception import INCEPTION_FILE, load_inception, random_inception_state
 
@@ -104,7 +110,8 @@ def test_metricnet_converts_fetched_inception_to_safetensors(tmp_path):
     x = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     before = load_inception(d).features(x)
     params = tmp_path / "params.yaml"
-    params.write_text(f"metrics: {{network: inception, dir: {d}}}\nresults: {tmp_path / 'results'}\n")
+    params.write_text(f"metrics: {{network: inception, dir: {d}}}\nresults: {tmp_path / 'results'}\n"
+                      f"runtime: {{threads: 1}}\n")  # the thread count of `before`: the same sums, the same order
     stage("metricnet", params)
     assert (d / "model.safetensors").exists() and (d / "metrics.json").exists()
     (d / INCEPTION_FILE).unlink()  # from now on only the safetensors file is read

@@ -57,6 +57,25 @@ def test_attn_temp_one_is_no_temperature_and_only_touches_guided_sampling():
     assert temps.tolist() == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]  # the conditional half keeps temperature 1
 
 
+def test_attn_temp_on_all_divides_every_pass():
+    g = Guidance("starflow", 1.5, attn_temp=0.5, attn_temp_on="all")
+    assert g.temperature(2, guided=True).tolist() == [0.5] * 4  # both halves of a guided batch
+    assert g.temperature(2, guided=False).tolist() == [0.5] * 2  # and an unguided block
+    assert Guidance("starflow", 1.5, attn_temp=0.5).temperature(2, guided=False) is None
+    assert Guidance("starflow", 1.5, attn_temp_on="all").temperature(2, guided=True) is None  # attn_temp 1
+    with pytest.raises(ValueError, match="attn_temp_on"):
+        Guidance("starflow", 1.5, attn_temp_on="cond")
+    model = make_model()
+    z = noise(model)
+    uncond_only = sample(model, Y, guidance=Guidance("starflow", 1.5, attn_temp=0.5), z=z)
+    every = sample(model, Y, guidance=g, z=z)
+    assert not torch.allclose(every, uncond_only, atol=1e-4)
+    # unguided sampling (weight 0) keeps the temperature in every block, as ml-starflow's sampler does
+    unguided = sample(model, Y, z=z)
+    assert not torch.allclose(sample(model, Y, guidance=Guidance("none", 0.0, attn_temp=0.5, attn_temp_on="all"), z=z),
+                              unguided, atol=1e-4)
+
+
 # -- guide_what -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["tarflow", "starflow"])
 def test_guide_what_guides_only_the_named_parameters(method):

@@ -1,5 +1,6 @@
 """STARFlow architecture options pass TARFlow's properties: invertibility, exact log-det, causality, KV cache,
-the classifier's class mixing, alignment features in spatial order; and each option does what it says."""
+the classifier's class mixing, alignment features in spatial order; and each option does what it says. The same
+for the gated feed-forwards and the options that make the model ml-starflow's exactly."""
 
 import pytest
 import torch
@@ -25,7 +26,18 @@ OPTIONS = {
             "cond_token": True},
     "all_deep": {"pos_embed": "rope", "start_token": True, "final_norm": True, "scale": "softplus", "soft_clip": 2.0,
                  "cond_token": True, "layers": (1, 1, 3), "cond_blocks": "deep"},
+    "swiglu": {"mlp": "swiglu"},
+    "geglu": {"mlp": "geglu"},
+    "seq_l2r": {"seq_order": "L2R"},
+    "rope_3d": {"pos_embed": "rope", "rope_layout": "3d", "cond_token": True, "width": 40, "head_dim": 20},
+    "rope_sequence": {"pos_embed": "rope", "rope_order": "sequence", "cond_token": True},
+    "null_learned": {"null_class": "learned"},
+    "ml_starflow": {"pos_embed": "rope", "start_token": True, "final_norm": True, "scale": "softplus", "soft_clip": 2.0,
+                    "cond_token": True, "layers": (1, 1, 3), "cond_blocks": "deep", "mlp": "geglu", "seq_order": "L2R",
+                    "rope_layout": "3d", "rope_order": "sequence", "null_class": "learned", "width": 40,
+                    "head_dim": 20},
 }
+NEW = ("swiglu", "geglu", "seq_l2r", "rope_3d", "rope_sequence", "null_learned", "ml_starflow")
 
 
 def make_model(seed=0, std=0.1, **kw):
@@ -52,7 +64,8 @@ def test_forward_then_reverse_reconstructs(name):
 
 @pytest.mark.parametrize("name", OPTIONS)
 def test_logdet_equals_autograd_jacobian(name):
-    kw = dict(OPTIONS[name], channels=1, image_size=4, patch_size=2, layers=(1, 2), width=16)
+    kw = dict(OPTIONS[name], channels=1, image_size=4, patch_size=2, layers=(1, 2))
+    kw.setdefault("width", 16)
     kw.pop("cond_blocks", None)
     model = make_model(**kw)
     x = images(model, n=1)[0]
@@ -90,7 +103,8 @@ def test_block_is_causal_in_its_own_order(name):
 
 @pytest.mark.parametrize("name", OPTIONS)
 @pytest.mark.parametrize("guidance", [None, Guidance("tarflow", 1.5, attn_temp=0.7),
-                                      Guidance("starflow", 1.5, anneal=True, blocks="all")])
+                                      Guidance("starflow", 1.5, anneal=True, blocks="all"),
+                                      Guidance("starflow", 1.5, attn_temp=0.8, attn_temp_on="all")])
 def test_kv_cached_sampling_equals_uncached(name, guidance):
     model = make_model(std=0.05, **OPTIONS[name])
     z = torch.randn(3, model.cfg.num_tokens, model.cfg.token_dim, generator=torch.Generator().manual_seed(2))
@@ -128,7 +142,7 @@ def test_alignment_features_are_spatial_and_pseudo_reverse_reads_the_block_input
     # spatial order: the flipped block 2's features of a flipped-back input are its own, token for token
     blk = model.blocks[1]
     h_block_order = blk.run(blk.sequence(blk.permute(out.block_inputs[1])), 0, conds[1], keep={1})[1][1]
-    assert torch.allclose(forward[(2, 1)], h_block_order.flip(1), atol=1e-6)
+    assert torch.allclose(forward[(2, 1)], blk.permute(h_block_order), atol=1e-6)
     if not model.cfg.start_token:  # the naive reverse reference passes token 0 unchanged (TARFlow's layout)
         naive = naive_reverse_features(model, model(x, Y, keep_inputs=True), conds, AlignSpec("reverse", positions))
         for p in positions:
@@ -146,7 +160,7 @@ def test_options_default_off_and_checkpoints_unchanged():
     assert not any("sos" in n or "final_norm" in n for n in names)
 
 
-@pytest.mark.parametrize("name", [n for n in OPTIONS if n not in ("all", "all_deep")])
+@pytest.mark.parametrize("name", [n for n in OPTIONS if n not in ("all", "all_deep", "ml_starflow", *NEW)])
 def test_each_option_changes_the_map(name):
     x = images(make_model())
     base = make_model()(x, Y).z
@@ -206,3 +220,97 @@ def test_rope_positions_follow_spatial_tokens():
     assert abs(score((2, 3), (1, 1)) - score((3, 2), (2, 0))) < 1e-5  # same offset (1, 2)
     assert abs(score((2, 3), (1, 1)) - score((2, 3), (1, 2))) > 1e-3  # another offset
     assert abs(score((1, 1), (1, 1)) - (q * k).sum().item()) < 1e-5
+
+
+# -- the gated feed-forwards and the options that reproduce ml-starflow -----------------------------------------
+OFF = {"mlp": "gelu", "seq_order": "R2L", "rope_layout": "2d", "rope_order": "spatial", "null_class": "mean"}
+
+
+@pytest.mark.parametrize("name", ["seq_l2r", "rope_3d", "rope_sequence"])
+def test_each_ml_starflow_option_changes_the_map_of_the_same_weights(name):
+    """The option toggled on a model with the same weights (these options add no parameters)."""
+    base = {k: v for k, v in OPTIONS[name].items() if k not in OFF}
+    plain, option = make_model(**base), make_model(**OPTIONS[name])
+    option.load_state_dict(plain.state_dict())
+    x = images(plain)
+    assert not torch.allclose(option(x, Y).z, plain(x, Y).z, atol=1e-3)
+
+
+def test_gated_mlps_compute_their_formula():
+    from flowback.models.transformer import MLP
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    for kind, act in [("swiglu", torch.nn.functional.silu),
+                      ("geglu", lambda g: torch.nn.functional.gelu(g, approximate="tanh"))]:
+        mlp = MLP(16, 3, kind)
+        assert mlp.fc1.weight.shape == (2 * 48, 16) and mlp.fc2.weight.shape == (16, 48)  # hidden = width * ratio
+        gate, up = mlp.fc1(mlp.norm(x)).chunk(2, dim=-1)
+        assert torch.allclose(mlp(x), mlp.fc2(act(gate) * up), atol=1e-6)
+    with pytest.raises(ValueError, match="mlp"):
+        FlowConfig(channels=1, image_size=4, patch_size=2, width=16, layers=(1,), mlp="relu")
+
+
+def test_seq_order_picks_the_flipped_blocks():
+    assert [b.flip for b in make_model(layers=(1, 1, 1, 1, 1)).blocks] == [False, True, False, True, False]
+    assert [b.flip for b in make_model(layers=(1, 1, 1, 1, 1), seq_order="L2R").blocks] == [True, False, True, False,
+                                                                                             True]
+
+
+def test_rope_3d_keeps_eight_still_pairs_and_rope_sequence_turns_by_processing_position():
+    from flowback.models.transformer import rope_2d
+
+    grid, d = 4, 24
+    cos, sin = rope_2d(grid, d, still_pairs=8)
+    n = (d // 2 - 8) // 2  # row pairs = column pairs = head_dim/4 - 4
+    assert n == d // 4 - 4 == 2
+    assert torch.equal(cos[:, 2 * n :], torch.ones(grid * grid, 8)) and torch.equal(sin[:, 2 * n :], torch.zeros(16, 8))
+    token = 1 * grid + 2  # row 1, column 2
+    freq = 10000.0 ** (-torch.arange(n, dtype=torch.float64) / n)  # 10000^(-2j / (head_dim/2 - 8))
+    assert torch.allclose(sin[token, :n].double(), (1 * freq).sin(), atol=1e-7)
+    assert torch.allclose(sin[token, n : 2 * n].double(), (2 * freq).sin(), atol=1e-7)
+    with pytest.raises(ValueError, match="head_dim"):
+        FlowConfig(channels=1, image_size=4, patch_size=2, width=16, layers=(1,), head_dim=16, pos_embed="rope",
+                   rope_layout="3d")
+    model = make_model(**OPTIONS["rope_sequence"])
+    flipped = model.blocks[1]
+    cos, sin = flipped.rotary(0, model.cfg.num_tokens, lead=1)
+    assert torch.equal(cos[1:], flipped.rope_cos) and torch.equal(sin[1:], flipped.rope_sin)  # raster, not flipped
+    assert torch.equal(cos[0], torch.ones_like(cos[0]))  # the class token does not turn
+    assert torch.equal(flipped.rotary(3, 2, lead=0)[0], flipped.rope_cos[3:5])  # a cached step reads its position
+
+
+def test_learned_null_class_is_the_unconditional_embedding():
+    model = make_model(null_class="learned", class_std=0.5)
+    blk = model.blocks[0]
+    assert blk.null_embed is not None and blk.null_embed.shape == (model.cfg.width,)
+    y = torch.tensor([0, -1, 4])
+    cond = blk.condition(y, None, 3)
+    assert torch.equal(cond[1], blk.null_embed) and torch.equal(cond[0], blk.class_embed[0])
+    assert torch.equal(blk.condition(None, None, 2), blk.null_embed.expand(2, -1))
+    assert not torch.allclose(blk.null_embed, blk.class_embed.mean(0))
+    x = images(model)
+    assert torch.allclose(model.log_prob(x), model.log_prob(x, torch.full((3,), -1)), atol=1e-6)
+    onehot = torch.nn.functional.one_hot(Y, 5).float()  # class_weights still mix the K class embeddings
+    assert torch.allclose(model.log_prob(x, class_weights=onehot), model.log_prob(x, Y), atol=1e-5)
+    assert "null_embed" not in " ".join(make_model().state_dict())
+
+
+def test_ml_starflow_options_default_off():
+    cfg = FlowConfig(channels=1, image_size=8, patch_size=2, width=32, layers=(1, 1), head_dim=8)
+    assert all(getattr(cfg, k) == v for k, v in OFF.items()) and not set(OFF) & set(cfg.to_dict())
+    star = FlowConfig(**{**cfg.to_dict(), **OPTIONS["ml_starflow"]})
+    assert FlowConfig.from_dict(star.to_dict()) == star
+
+
+def test_latent_norm_in_ml_starflow_form_sums_input_and_inner_outputs():
+    model = make_model()
+    x = images(model)
+    out = model(x, Y, keep_inputs=True)
+    terms = [h.pow(2).mean() for h in out.block_inputs]  # the input, then the outputs of blocks 1..N-1
+    assert torch.allclose(latent_norm_penalty(out, "starflow"), torch.stack(terms).sum(), atol=1e-6)
+    # the input's term is a constant: same gradient as the mean form with the weight times N - 1
+    g_star = torch.autograd.grad(latent_norm_penalty(out, "starflow"), model.blocks[0].proj_out.weight,
+                                 retain_graph=True)[0]
+    g_mean = torch.autograd.grad(latent_norm_penalty(out, "mean"), model.blocks[0].proj_out.weight)[0]
+    assert torch.allclose(g_star, (len(model.blocks) - 1) * g_mean, atol=1e-6)

@@ -33,12 +33,12 @@ def make_projectors(spec: AlignSpec | None, width: int, hidden: int, enc_dim: in
 
 def objective(model: TARFlow, projectors: nn.ModuleDict, spec: AlignSpec | None, x: torch.Tensor, y: torch.Tensor,
               targets: torch.Tensor | None, weight: float, latent_weight: float = 0.0,
-              reduce: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              reduce: str = "mean", latent_form: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's loss = NLL (nats/dim) + weight * the alignment loss over positions (their mean or sum, `reduce`)
-    (+ latent_weight * STARFlow's latent-norm term); returns (loss, nll, align)."""
+    (+ latent_weight * STARFlow's latent-norm term in `latent_form`); returns (loss, nll, align)."""
     out = model(x, y, keep=spec.forward_keep if spec else None, keep_inputs=bool(spec and spec.needs_block_inputs))
     nll = model.nll_per_dim(out)
-    base = nll + latent_weight * latent_norm_penalty(out) if latent_weight else nll
+    base = nll + latent_weight * latent_norm_penalty(out, latent_form) if latent_weight else nll
     if spec is None:
         return base, nll, torch.zeros((), device=x.device)
     feats = alignment_features(model, out, model.conditions(y, None, len(x)), spec)
@@ -52,14 +52,14 @@ class Objective(nn.Module):
     alignment strategies call into the flow's blocks again after its forward pass)."""
 
     def __init__(self, model: TARFlow, projectors: nn.ModuleDict, spec: AlignSpec | None, weight: float,
-                 latent_weight: float = 0.0, reduce: str = "mean"):
+                 latent_weight: float = 0.0, reduce: str = "mean", latent_form: str = "mean"):
         super().__init__()
         self.model, self.projectors, self.spec, self.weight = model, projectors, spec, weight
-        self.latent_weight, self.reduce = latent_weight, reduce
+        self.latent_weight, self.reduce, self.latent_form = latent_weight, reduce, latent_form
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None):
         return objective(self.model, self.projectors, self.spec, x, y, targets, self.weight, self.latent_weight,
-                         self.reduce)
+                         self.reduce, self.latent_form)
 
     @classmethod
     def of(cls, exp: Experiment, model: TARFlow, projectors: nn.ModuleDict) -> "Objective":
@@ -67,7 +67,7 @@ class Objective(nn.Module):
         term's weight."""
         spec, p = align_spec(exp), exp.params
         return cls(model, projectors, spec, p.align.weight if spec else 0.0, p.train.latent_norm_weight,
-                   p.align.position_reduce if spec else "mean")
+                   p.align.position_reduce if spec else "mean", p.train.latent_norm_form)
 
 
 

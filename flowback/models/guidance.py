@@ -11,7 +11,10 @@ Both act on one token's affine parameters (log sigma, mu), where the next token 
   conditioned block, as ml-starflow does when every block sees the label. `guide_what` keeps the conditional
   sigma (without "a") or mean (without "b").
 `attn_temp` divides the attention logits of the unconditional pass by a temperature (ml-tarflow's `attn_temp`); 1 is
-no change.
+no change. `attn_temp_on="all"` divides them in every sampling pass instead (both halves of a guided batch and the
+unguided blocks), as ml-starflow's sampler does.
+ml-starflow's annealed guidance computes the ramped weight r * w but hands w to its Gaussian rule, so annealing
+changes nothing there (and its sampler turns it off); `anneal` here does ramp the weight for both methods.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ class Guidance:
     guide_what: str = "ab"  # a | b | ab
     attn_temp: float = 1.0  # attention temperature of the unconditional pass
     blocks: str = "auto"  # auto (tarflow: all, starflow: deep) | all (every conditioned block) | deep (block N only)
+    attn_temp_on: str = "uncond"  # uncond (ml-tarflow) | all (every sampling pass, ml-starflow)
 
     @classmethod
     def of(cls, g) -> "Guidance":
         """The rule a params `sample.guidance` section describes."""
-        return cls(g.method, g.weight, g.anneal, g.guide_what, g.attn_temp, g.blocks)
+        return cls(g.method, g.weight, g.anneal, g.guide_what, g.attn_temp, g.blocks, g.attn_temp_on)
 
     def __post_init__(self):
         if self.method not in ("none", "tarflow", "starflow"):
@@ -46,6 +50,8 @@ class Guidance:
             raise ValueError(f"attn_temp must be > 0, got {self.attn_temp}")
         if self.blocks not in ("auto", "all", "deep"):
             raise ValueError(f"guidance blocks must be auto, all or deep, got {self.blocks!r}")
+        if self.attn_temp_on not in ("uncond", "all"):
+            raise ValueError(f"attn_temp_on must be uncond or all, got {self.attn_temp_on!r}")
 
     @property
     def active(self) -> bool:
@@ -70,11 +76,19 @@ class Guidance:
         w = [self.weight_at(j - 1, num_tokens) for j in range(num_tokens)]
         return torch.tensor(w, dtype=torch.float32, device=device).view(1, -1, 1)
 
+    def temperature(self, batch: int, guided: bool, device=None) -> torch.Tensor | None:
+        """Per-row attention temperature of a block's sampling batch: (2B,) for a guided [cond; uncond] batch, (B,)
+        for an unguided one; None when no row is changed."""
+        if self.attn_temp == 1.0 or (not guided and self.attn_temp_on == "uncond"):
+            return None
+        t = torch.full((2 * batch if guided else batch,), float(self.attn_temp), device=device)
+        if guided and self.attn_temp_on == "uncond":
+            t[:batch] = 1.0
+        return t
+
     def uncond_temperature(self, batch: int, device=None) -> torch.Tensor | None:
         """(2B,) per-row attention temperature of a guided [cond; uncond] batch, or None when attn_temp is 1."""
-        if self.attn_temp == 1.0:
-            return None
-        return torch.cat([torch.ones(batch, device=device), torch.full((batch,), float(self.attn_temp), device=device)])
+        return self.temperature(batch, True, device)
 
     def combine(self, a_c, b_c, a_u, b_u, w) -> tuple[torch.Tensor, torch.Tensor]:
         """Guided (log sigma, mu) from the conditional and unconditional ones; w a float or a broadcastable tensor."""

@@ -138,7 +138,7 @@ def jacobi_block(
     v = blk.permute(v).float()
     B, T, _ = v.shape
     c = torch.cat([cond, uncond]) if guided else cond
-    temp = guidance.uncond_temperature(B, v.device) if guided else None
+    temp = guidance.temperature(B, guided, v.device) if guidance is not None else None
     w = guidance.token_weights(T, v.device) if guided else None
     u = v.clone() if init == "noise" else torch.zeros_like(v)
     caches = blk.new_caches(T) if window > 0 or segments > 1 else None

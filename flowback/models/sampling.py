@@ -67,14 +67,14 @@ def reverse_block(
     guidance: Guidance | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
-    """Invert one block token by token: v (B, T, D) in spatial order -> u in spatial order. `uncond` only with
-    guidance."""
+    """Invert one block token by token: v (B, T, D) in spatial order -> u in spatial order. Guided when `uncond` is
+    given too; an unguided block still takes the guidance's attention temperature when it applies to every pass."""
     guided = guidance is not None and uncond is not None and cond is not None
     v = blk.permute(v).float()
     B, T, _ = v.shape
     u = v.clone()  # without a start token, token 0 has (log sigma, mu) = (0, 0): it passes unchanged
     c = torch.cat([cond, uncond]) if guided else cond
-    temp = guidance.uncond_temperature(B, v.device) if guided else None
+    temp = guidance.temperature(B, guided, v.device) if guidance is not None else None
     caches = blk.new_caches(T) if use_cache else None
     first = 0 if blk.sos is None else -1  # with a start token, token 0 is transformed too
     for i in range(first, T - 1):
@@ -104,21 +104,22 @@ def reverse(
     solver: Solver | None = None,
     stats: SampleStats | None = None,
 ) -> torch.Tensor:
-    """z tokens (B, T, D) -> images (B, C, H, W) through blocks N..1."""
-    guidance = guidance if guidance is not None and guidance.active else None
+    """z tokens (B, T, D) -> images (B, C, H, W) through blocks N..1. Blocks the guidance applies to run guided;
+    every block gets the guidance object for its attention temperature (attn_temp_on "all")."""
+    active = guidance is not None and guidance.active
     B = z.shape[0]
     conds = model.conditions(y, None, B)
-    unconds = model.conditions(None, None, B) if guidance else [None] * len(conds)
+    unconds = model.conditions(None, None, B) if active else [None] * len(conds)
     n = len(model.blocks)
     h = z
     with _autocast(z.device, dtype):
         for t in range(n, 0, -1):
-            g = guidance if guidance is not None and guidance.applies_to(t, n) else None
-            blk, cond, uncond = model.blocks[t - 1], conds[t - 1], unconds[t - 1] if g else None
+            uncond = unconds[t - 1] if active and guidance.applies_to(t, n) else None
+            blk, cond = model.blocks[t - 1], conds[t - 1]
             if solver is None or solver.method == "sequential":
-                h = reverse_block(blk, h, cond, uncond, g, use_cache)
+                h = reverse_block(blk, h, cond, uncond, guidance, use_cache)
             else:
-                h = jacobi_block(blk, h, cond, uncond, g, **solver.block(t, n), stats=stats, block=t)
+                h = jacobi_block(blk, h, cond, uncond, guidance, **solver.block(t, n), stats=stats, block=t)
     return model.unpatchify(h)
 
 

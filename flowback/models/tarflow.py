@@ -2,7 +2,7 @@
 STARFlow's architecture options (Gu et al., 2025), all off by default (then the model is TARFlow as in ml-tarflow).
 
 Forward (density) direction, for block t = 1..N in turn, on a sequence of T patch tokens:
-    u = permute_t(x)                       (identity for odd t, reversed token order for even t)
+    u = permute_t(x)                       (identity for odd t, reversed token order for even t; L2R swaps)
     (a_i, b_i) = transformer_t(u_<i)       (causal; token 0 gets a = b = 0)
     v_i = (u_i - b_i) * exp(-a_i)          log|det| = -sum_i a_i
 The prior is N(0, I) on the last block's output z. Inverse (generation) runs the blocks N..1, each one token at a
@@ -12,7 +12,7 @@ time: u_i = v_i * exp(a_i) + b_i, where a_i, b_i need u_<i, so the loop is seque
 STARFlow's deep-shallow layout is a per-block layer count (the deep block is block N, nearest the prior), and
 `cond_blocks="deep"` conditions only that block. Class conditioning adds a per-block class embedding to every token;
 a dropped label (y < 0) and unconditional passes use the mean of the class embeddings, so softmax(0)^T E, the
-training-free classifier's starting point, is exactly the unconditional embedding.
+training-free classifier's starting point, is exactly the unconditional embedding (unless null_class="learned").
 
 STARFlow options (FlowConfig):
 - pos_embed="rope": 2-D rotary positions in attention instead of an added embedding.
@@ -22,6 +22,15 @@ STARFlow options (FlowConfig):
 - scale="softplus": sigma = softplus(a + log(e - 1)) (1 at a = 0) instead of exp(a).
 - soft_clip=c > 0: the raw outputs (a, b) become c * tanh(o / c).
 - cond_token: the class embedding enters as one prepended context token instead of being added to every token.
+Options that make the model ml-starflow's exactly (its weights map one to one, flowback/models/convert.py):
+- seq_order="L2R": blocks 1, 3, ... reverse the token order instead of blocks 2, 4, ... (ml-starflow's `seq_order`).
+- rope_layout="3d": 8 rotary pairs per head held for a third (class/text) axis, so rows and columns get
+  head_dim/4 - 4 pairs each (ml-starflow's layout whenever it conditions on tokens).
+- rope_order="sequence": a flipped block turns its i-th processed token by raster position i's angle rather than
+  its own spatial token's (ml-starflow computes the angles before permuting the tokens).
+- null_class="learned": dropped labels and unconditional passes use a learned null embedding (ml-starflow's label
+  embedder has K + 1 entries) instead of the mean class embedding; class_weights still mix the K class embeddings.
+- mlp="swiglu" / "geglu": gated feed-forward (transformer.MLP).
 Whatever the options, a block exposes one affine rule in terms of (log sigma, mu) per token: `shifted_affine` /
 `token_params` give them (in parallel, from the tokens before each), `affine_forward` applies x -> (x - mu) / sigma
 with its exact log-det, `affine_inverse` the inverse. The samplers and the alignment code use only these.
@@ -37,14 +46,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .transformer import KVCache, Layer, rope_2d
+from .transformer import MLPS, KVCache, Layer, rope_2d
 
 LOG_2PI = math.log(2 * math.pi)
 INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(INV_SOFTPLUS_1) = 1: a softplus block starts as the identity
 
 # STARFlow options and their off values; a config leaves them out of to_dict() when off, so TARFlow checkpoints
 # stay byte-identical to those written before the options existed
-STARFLOW_DEFAULTS = {"start_token": False, "final_norm": False, "scale": "exp", "soft_clip": 0.0, "cond_token": False}
+STARFLOW_DEFAULTS = {"start_token": False, "final_norm": False, "scale": "exp", "soft_clip": 0.0, "cond_token": False,
+                     "mlp": "gelu", "seq_order": "R2L", "rope_layout": "2d", "rope_order": "spatial",
+                     "null_class": "mean"}
+ROPE_STILL_PAIRS = 8  # ml-starflow's rotary pairs for its third (text/class) axis, rope_layout "3d"
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,11 @@ class FlowConfig:
     scale: str = "exp"  # exp | softplus
     soft_clip: float = 0.0  # 0 = off
     cond_token: bool = False
+    mlp: str = "gelu"  # gelu | swiglu | geglu
+    seq_order: str = "R2L"  # R2L: blocks 2, 4, ... flip (TARFlow) | L2R: blocks 1, 3, ... flip
+    rope_layout: str = "2d"  # 2d | 3d (ml-starflow's with a class/text token)
+    rope_order: str = "spatial"  # spatial | sequence (ml-starflow)
+    null_class: str = "mean"  # mean | learned
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
@@ -80,6 +97,16 @@ class FlowConfig:
             raise ValueError(f"scale must be 'exp' or 'softplus', got {self.scale!r}")
         if self.soft_clip < 0:
             raise ValueError(f"soft_clip must be >= 0 (0 = off), got {self.soft_clip}")
+        choices = {"mlp": MLPS, "seq_order": ("R2L", "L2R"), "rope_layout": ("2d", "3d"),
+                   "rope_order": ("spatial", "sequence"), "null_class": ("mean", "learned")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.pos_embed != "rope" and (self.rope_layout, self.rope_order) != ("2d", "spatial"):
+            raise ValueError("rope_layout and rope_order need pos_embed 'rope'")
+        if self.rope_layout == "3d" and not (self.head_dim % 4 == 0 and self.head_dim > 2 * ROPE_STILL_PAIRS):
+            raise ValueError(f"rope_layout '3d' needs head_dim divisible by 4 and above {2 * ROPE_STILL_PAIRS}, got "
+                             f"{self.head_dim}")
 
     @property
     def grid(self) -> int:
@@ -137,12 +164,19 @@ class FlowOutput:
     block_inputs: list[torch.Tensor] = field(default_factory=list)  # block_inputs[t-1] = input of block t
     hidden: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (block, layer) -> (B, T, W)
     block_sq: list[torch.Tensor] = field(default_factory=list)  # block_sq[t-1]: (B,) mean square of block t's output
+    input_sq: torch.Tensor | None = None  # (B,) mean square of the flow's input (ml-starflow's latent-norm form)
 
 
-def latent_norm_penalty(out: FlowOutput) -> torch.Tensor:
-    """STARFlow's latent-norm regulariser: mean square of the intermediate block outputs (blocks 1..N-1; block N's
-    output z is already held by the prior), averaged over blocks and batch. Zero for a one-block flow."""
+def latent_norm_penalty(out: FlowOutput, form: str = "mean") -> torch.Tensor:
+    """STARFlow's latent-norm regulariser on the intermediate block outputs (blocks 1..N-1; block N's output z is
+    already held by the prior). form "mean": their mean square averaged over blocks and batch (zero for a one-block
+    flow). form "starflow": ml-starflow's sum over the flow's input and those outputs of each one's mean square; the
+    input's term has no gradient, so it trains like "mean" with the weight times N-1."""
     inner = out.block_sq[:-1]
+    if form == "starflow":
+        return torch.stack([out.input_sq, *inner]).mean(dim=1).sum()
+    if form != "mean":
+        raise ValueError(f"latent-norm form must be mean or starflow, got {form!r}")
     if not inner:
         return out.z.new_zeros(())
     return torch.stack(inner).mean()
@@ -161,13 +195,13 @@ class FlowBlock(nn.Module):
             self.register_buffer("pos", sincos_2d(cfg.grid, cfg.width), persistent=False)
         else:
             self.pos = None
-            cos, sin = rope_2d(cfg.grid, cfg.head_dim)
+            cos, sin = rope_2d(cfg.grid, cfg.head_dim, still_pairs=ROPE_STILL_PAIRS if cfg.rope_layout == "3d" else 0)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.class_embed = (
             nn.Parameter(torch.randn(cfg.num_classes, cfg.width) * 1e-2) if conditioned and cfg.num_classes else None
         )
-        self.layers = nn.ModuleList(Layer(cfg.width, cfg.head_dim, cfg.mlp_ratio) for _ in range(layers))
+        self.layers = nn.ModuleList(Layer(cfg.width, cfg.head_dim, cfg.mlp_ratio, cfg.mlp) for _ in range(layers))
         self.proj_out = nn.Linear(cfg.width, 2 * cfg.token_dim)
         nn.init.zeros_(self.proj_out.weight)  # identity map at initialisation
         nn.init.zeros_(self.proj_out.bias)
@@ -175,6 +209,9 @@ class FlowBlock(nn.Module):
         self.final_norm = nn.RMSNorm(cfg.width, eps=1e-6) if cfg.final_norm else None
         self.cond_token = cfg.cond_token and self.class_embed is not None
         self.scale, self.soft_clip = cfg.scale, cfg.soft_clip
+        learned_null = cfg.null_class == "learned" and self.class_embed is not None
+        self.null_embed = nn.Parameter(torch.randn(cfg.width) * 1e-2) if learned_null else None
+        self.rope_by_sequence = cfg.rope_order == "sequence"
 
     # -- token order ------------------------------------------------------------------------------------------
     def permute(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,18 +227,19 @@ class FlowBlock(nn.Module):
     def condition(self, y: torch.Tensor | None, class_weights: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """(B, W) class embedding, or None for an unconditioned block.
 
-        y < 0 (a dropped label) and y=None use the mean embedding; class_weights (B, K) mix embeddings.
+        y < 0 (a dropped label) and y=None use the null embedding: the mean class embedding, or a learned one
+        (null_class "learned"); class_weights (B, K) mix the class embeddings.
         """
         E = self.class_embed
         if E is None:
             return None
         if class_weights is not None:
             return class_weights.to(E.dtype) @ E
-        mean = E.mean(dim=0)
+        null = E.mean(dim=0) if self.null_embed is None else self.null_embed
         if y is None:
-            return mean.expand(batch, -1)
+            return null.expand(batch, -1)
         picked = E[y.clamp(min=0)]
-        return torch.where((y >= 0)[:, None], picked, mean)
+        return torch.where((y >= 0)[:, None], picked, null)
 
     # -- transformer pieces -----------------------------------------------------------------------------------
     def _spatial(self, table: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -220,8 +258,12 @@ class FlowBlock(nn.Module):
         return self.pos[T - start - n : T - start].flip(0)
 
     def rotary(self, start: int, n: int, lead: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables of `lead` context positions (no rotation) and block-order positions start..start+n-1."""
-        cos, sin = self._spatial(self.rope_cos, start, n), self._spatial(self.rope_sin, start, n)
+        """RoPE tables of `lead` context positions (no rotation) and block-order positions start..start+n-1: each
+        position's spatial token's angles, or (rope_order "sequence") raster position i's for block-order i."""
+        if self.rope_by_sequence:
+            cos, sin = self.rope_cos[start : start + n], self.rope_sin[start : start + n]
+        else:
+            cos, sin = self._spatial(self.rope_cos, start, n), self._spatial(self.rope_sin, start, n)
         if lead:
             cos = torch.cat([cos.new_ones(lead, cos.shape[1]), cos])
             sin = torch.cat([sin.new_zeros(lead, sin.shape[1]), sin])
@@ -391,8 +433,9 @@ class TARFlow(nn.Module):
         super().__init__()
         self.cfg = cfg
         n = len(cfg.layers)
+        flip_parity = 1 if cfg.seq_order == "R2L" else 0
         self.blocks = nn.ModuleList(
-            FlowBlock(cfg, depth, flip=bool(t % 2), conditioned=(cfg.cond_blocks == "all" or t == n - 1))
+            FlowBlock(cfg, depth, flip=t % 2 == flip_parity, conditioned=(cfg.cond_blocks == "all" or t == n - 1))
             for t, depth in enumerate(cfg.layers)
         )
 
@@ -427,7 +470,8 @@ class TARFlow(nn.Module):
         keep = keep or {}
         h = self.patchify(x)
         conds = self.conditions(y, class_weights, x.shape[0])
-        out = FlowOutput(z=h, logdet=torch.zeros(x.shape[0], device=x.device))
+        out = FlowOutput(z=h, logdet=torch.zeros(x.shape[0], device=x.device),
+                         input_sq=h.detach().float().pow(2).mean(dim=(1, 2)))
         for t, (blk, cond) in enumerate(zip(self.blocks, conds), start=1):
             if keep_inputs:
                 out.block_inputs.append(h)

@@ -9,6 +9,7 @@ A cache also takes a chunk of several tokens after a prefix (causal within the c
 and can be cut back (`truncate`): the Jacobi solvers re-run one segment of tokens against a fixed prefix until it
 converges. Two optional inputs leave the default path untouched when absent: 2-D rotary position tables (STARFlow's
 RoPE) and a per-row attention temperature (TARFlow's `attn_temp`, used on the unconditional half of a guided batch).
+The feed-forward is TARFlow's GELU MLP by default, or a gated one (SwiGLU, or ml-starflow's tanh-GELU gate).
 """
 
 from __future__ import annotations
@@ -59,16 +60,20 @@ class KVCache:
         self.length = length
 
 
-def rope_2d(grid: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_2d(grid: int, head_dim: int, base: float = 10000.0, still_pairs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D rotary tables (cos, sin), each (grid*grid, head_dim/2), tokens row-major. Dimension pair (j, j + d/2)
-    turns by angle theta_j: the first d/4 pairs by the token's row times a frequency, the last d/4 by its column."""
-    if head_dim % 4:
-        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
-    quarter = head_dim // 4
-    freq = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    turns by angle theta_j: the first n pairs by the token's row times frequency base^(-j/n), the next n by its
+    column, n = (d/2 - still_pairs) / 2. The last `still_pairs` never turn for image tokens: ml-starflow keeps 8 pairs
+    for a third (text/class) axis whenever it conditions on a token, which takes them from rows and columns."""
+    n, rest = divmod(head_dim // 2 - still_pairs, 2)
+    if head_dim % 4 or rest or n < 1:
+        raise ValueError(f"2-D RoPE needs head_dim divisible by 4 with at least one row and one column pair left after "
+                         f"{still_pairs} still pairs, got head_dim {head_dim}")
+    freq = 1.0 / base ** (torch.arange(n, dtype=torch.float64) / n)
     ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
                             indexing="ij")
-    theta = torch.cat([ys.reshape(-1, 1) * freq, xs.reshape(-1, 1) * freq], dim=1)
+    still = torch.zeros(grid * grid, still_pairs, dtype=torch.float64)
+    theta = torch.cat([ys.reshape(-1, 1) * freq, xs.reshape(-1, 1) * freq, still], dim=1)
     return theta.cos().float(), theta.sin().float()
 
 
@@ -113,24 +118,42 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, T, C))
 
 
+MLPS = ("gelu", "swiglu", "geglu")
+
+
 class MLP(nn.Module):
-    def __init__(self, width: int, ratio: int):
+    """LN, then fc2(act(fc1 h)): TARFlow's GELU MLP (kind "gelu"), or a gated unit fc2(act(g) * u) with
+    (g, u) = fc1 h split in halves: "swiglu" gates with SiLU (Shazeer 2020), "geglu" with tanh-GELU, which is what
+    ml-starflow's `use_swiglu` computes. The hidden size is width * ratio for every kind, ml-starflow's convention
+    (its gated MLP keeps the expansion of its GELU one), so its weights map one to one; a gated MLP then has 1.5x the
+    parameters of the GELU one at the same ratio (LLaMA instead shrinks the hidden size to 2/3 of it)."""
+
+    def __init__(self, width: int, ratio: int, kind: str = "gelu"):
         super().__init__()
+        if kind not in MLPS:
+            raise ValueError(f"mlp must be one of {MLPS}, got {kind!r}")
+        self.kind = kind
+        hidden = width * ratio
         self.norm = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, width * ratio)
-        self.fc2 = nn.Linear(width * ratio, width)
+        self.fc1 = nn.Linear(width, hidden if kind == "gelu" else 2 * hidden)  # gated: [gate; up]
+        self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x.float()).to(x.dtype))))
+        h = self.fc1(self.norm(x.float()).to(x.dtype))
+        if self.kind == "gelu":
+            return self.fc2(F.gelu(h))
+        gate, up = h.chunk(2, dim=-1)
+        gate = F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")
+        return self.fc2(gate * up)
 
 
 class Layer(nn.Module):
     """x + attn(LN x), then x + mlp(LN x)."""
 
-    def __init__(self, width: int, head_dim: int, mlp_ratio: int):
+    def __init__(self, width: int, head_dim: int, mlp_ratio: int, mlp: str = "gelu"):
         super().__init__()
         self.attn = Attention(width, head_dim)
-        self.mlp = MLP(width, mlp_ratio)
+        self.mlp = MLP(width, mlp_ratio, mlp)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, rope=None, temp=None) -> torch.Tensor:
         x = x + self.attn(x, cache, rope, temp)

@@ -220,6 +220,21 @@ class ModelParams(Strict):
     soft_clip: float = Field(0.0, ge=0.0, description="raw outputs become c * tanh(o / c) (STARFlow: 4); 0 = off")
     cond_token: bool = Field(False, description="condition by one prepended class token instead of adding the "
                                                 "class embedding to every token")
+    mlp: Literal["gelu", "swiglu", "geglu"] = Field(
+        "gelu", description="feed-forward: gelu (TARFlow), swiglu (SiLU-gated) or geglu (tanh-GELU-gated, what "
+                            "ml-starflow's use_swiglu computes); hidden size width x mlp_ratio for all three")
+    seq_order: Literal["R2L", "L2R"] = Field(
+        "R2L", description="which blocks reverse the token order: R2L = blocks 2, 4, ... (TARFlow, ml-starflow's "
+                           "default); L2R = blocks 1, 3, ... (ml-starflow's published config)")
+    rope_layout: Literal["2d", "3d"] = Field(
+        "2d", description="pos_embed rope: 2d = rows and columns share every rotary pair; 3d = ml-starflow's layout "
+                          "with a class/text token: 8 pairs per head kept for that third axis (still for image tokens)")
+    rope_order: Literal["spatial", "sequence"] = Field(
+        "spatial", description="pos_embed rope in flipped blocks: a token turns by its own spatial position's angles "
+                               "(spatial) or by those of its processing position (sequence, ml-starflow)")
+    null_class: Literal["mean", "learned"] = Field(
+        "mean", description="the dropped-label / unconditional class embedding: the mean of the class embeddings "
+                            "(ml-tarflow) or a learned null class, id K (ml-starflow)")
     noise_std: float = Field(0.05, ge=0.0)
     label_drop: float = Field(0.1, ge=0.0, le=1.0)
     latent: LatentParams | None = None
@@ -281,6 +296,9 @@ class TrainParams(Strict):
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="0 disables EMA")
     latent_norm_weight: float = Field(0.0, ge=0.0, description="STARFlow's latent-norm regulariser on the "
                                                                "intermediate block outputs (1e-4 there); 0 = off")
+    latent_norm_form: Literal["mean", "starflow"] = Field(
+        "mean", description="mean: weight x the mean over blocks 1..N-1 of mean(z^2); starflow: weight x the sum of "
+                            "mean(z^2) over the flow's input and blocks 1..N-1 (ml-starflow train.py)")
     checkpoint_every: int = Field(100, ge=1)
     milestones: list[int] = Field(default_factory=list, description="steps (< steps) at which the model is also "
                                   "saved, to milestones/step_<N>.pt: what `milestone:` experiments sample and score")
@@ -344,6 +362,9 @@ class GuidanceParams(Strict):
     blocks: Literal["auto", "all", "deep"] = Field(
         "auto", description="which conditioned blocks are guided: auto = every one for tarflow, the deep block for "
                             "starflow; all = every conditioned block (ml-starflow)")
+    attn_temp_on: Literal["uncond", "all"] = Field(
+        "uncond", description="where attn_temp divides the attention logits: the unconditional pass (ml-tarflow) or "
+                              "every sampling pass, both guided halves and unguided blocks (ml-starflow)")
 
     @model_validator(mode="after")
     def _weight_needs_method(self) -> "GuidanceParams":
