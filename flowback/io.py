@@ -20,12 +20,14 @@ import socket
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
 
 from .errors import FlowBackError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FlowBackFileError(FlowBackError):
@@ -162,6 +164,8 @@ def load_json(path: str | os.PathLike) -> Any:
 
 
 def _tensor_bytes(obj: Any) -> int:
+    import torch  # here, not at the top: reading params and the pipeline should not load torch
+
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -175,6 +179,8 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
     """torch.save straight into a temp file (no second in-memory copy of a multi-GB state), then renamed.
 
     Only tensors, numbers, strings, lists and dicts: loadable with weights_only."""
+    import torch
+
     with atomic_path(path, size_hint=_tensor_bytes(obj)) as tmp:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -201,8 +207,10 @@ def describe_checkpoint_error(path: Path, e: Exception) -> str:
     return f"not a readable checkpoint ({type(e).__name__})"
 
 
-def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+def load_torch(path: str | os.PathLike, map_location: "str | torch.device" = "cpu") -> Any:
     """Load a checkpoint with weights_only=True (no arbitrary unpickling), with errors that name the file."""
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise FlowBackFileError(f"{path}: checkpoint not found")

@@ -70,42 +70,47 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-def _imports(path: Path, module: str, methods: tuple[str, ...] | None = None) -> set[str]:
-    """Modules a file imports when it runs (anywhere in it, lazy imports included; not the `if TYPE_CHECKING:` ones),
-    resolved to absolute names. An import whose
-    line ends in `# pipeline: validation only` is left out: it can only reject params (the schema checks `paper:`
-    rows against flowback/paper.py), never change a stage's outputs, so editing the paper's numbers reruns only the
-    stage that prints them.
-
-    `methods`: of the classes in the file, only these methods count (a family module: a stage depends on the methods
-    it calls, not on the family's other stages' code); module-level code and functions always count."""
+@functools.cache
+def _import_table(path: Path, module: str) -> tuple[tuple[str, str | None], ...]:
+    """(imported module, the class method it sits in or None) of every import that runs (not `if TYPE_CHECKING:`,
+    not `# pipeline: validation only`), parsed once per file."""
     text = path.read_text()
     lines = text.splitlines()
     tree = ast.parse(text)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
-                   for stmt in block.body for n in ast.walk(stmt)}
-    if methods is not None:
-        typing_only |= {id(n) for cls in tree.body if isinstance(cls, ast.ClassDef) for fn in cls.body
-                        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.name not in methods
-                        for n in ast.walk(fn)}
-    out = set()
+    skip = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+            for stmt in block.body for n in ast.walk(stmt)}
+    method_of = {id(n): fn.name for cls in tree.body if isinstance(cls, ast.ClassDef) for fn in cls.body
+                 if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(fn)}
+    out = []
     for node in ast.walk(tree):
-        if id(node) in typing_only:  # `if TYPE_CHECKING:` imports never run
+        if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in skip:
             continue
-        if isinstance(node, (ast.Import, ast.ImportFrom)) and lines[node.lineno - 1].rstrip().endswith(VALIDATION_ONLY):
+        if lines[node.lineno - 1].rstrip().endswith(VALIDATION_ONLY):
             continue
+        where = method_of.get(id(node))
         if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
+            out += [(a.name, where) for a in node.names]
+        else:
             base = node.module or ""
             if node.level:
                 pkg = package.split(".")
                 pkg = pkg[: len(pkg) - node.level + 1]
                 base = ".".join(pkg + ([base] if base else []))
-            out.add(base)
-            out.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
-    return out
+            out += [(base, where)] + [(f"{base}.{a.name}", where) for a in node.names]  # `from pkg import module`
+    return tuple(out)
+
+
+def _imports(path: Path, module: str, methods: tuple[str, ...] | None = None) -> set[str]:
+    """Modules a file imports when it runs (anywhere in it, lazy imports included; not the `if TYPE_CHECKING:` ones),
+    resolved to absolute names. An import whose line ends in `# pipeline: validation only` is left out: it can only
+    reject params (the schema checks `paper:` rows against flowback/paper.py), never change a stage's outputs, so
+    editing the paper's numbers reruns only the stage that prints them.
+
+    `methods`: of the classes in the file, only these methods count (a family module: a stage depends on the methods
+    it calls, not on the family's other stages' code); module-level code and functions always count."""
+    return {name for name, where in _import_table(path, module)
+            if methods is None or where is None or where in methods}
 
 
 def _is_type_checking(test: ast.expr) -> bool:

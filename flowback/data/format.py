@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from ..io import FlowBackFileError, atomic_path
@@ -60,6 +59,8 @@ def write_samples(path: Path, samples: Iterable[dict[str, Any]]) -> None:
     """Atomically write one shard from {"__key__": key, ext: bytes, ...} dicts, with reproducible tar headers."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
+            import webdataset as wds  # imports torch: only for reading and writing shards
+
             with wds.TarWriter(f, encoder=False, mtime=_TAR_TIME, user="flowback", group="flowback") as w:
                 for sample in samples:
                     w.write(sample)
@@ -156,6 +157,8 @@ def read_shard(path: str | Path, *, num_classes: int, image_size: int | None = N
     path = Path(path)
     if not path.is_file():
         raise FlowBackFileError(f"{path}: shard not found")
+
+    import webdataset as wds
 
     ds = wds.WebDataset([str(path)], shardshuffle=False, handler=wds.reraise_exception, empty_check=False,
                         nodesplitter=None, workersplitter=None, select_files=member_filter(path))

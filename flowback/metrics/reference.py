@@ -47,34 +47,16 @@ from ..data.images import nhwc_to_nchw
 from ..io import FlowBackFileError, load_npz, save_json, save_npz, sha256_file
 from ..params import ParamsError
 from .frechet import gaussian_stats
+from .reference_files import reference_name, reference_path, report_path  # noqa: F401  (their home is light)
 from .generative import extract_features, metrics_from_reference
 
 if TYPE_CHECKING:
     from ..params import Params
 
 FORMAT_VERSION = 1
-REFERENCE_DIR = "reference"
-REPORT_FILE = "reference.json"
 ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 NPZ_KEYS = ADM_STAT_KEYS + ("ref_pool", "is", "is_std", "count", "source", "stats_from", "fingerprint")
 _RERUN = "run `python -m flowback stage reference`"
-
-
-# ------------------------------------------------------------------------------------------------------ locations
-def reference_name(params: "Params") -> str:
-    """`<dataset>-<split>` for a split of the prepared data, the file's stem for an ADM reference batch."""
-    mp = params.metrics
-    if mp.reference_batch:
-        return Path(mp.reference_batch).stem
-    return f"{params.data.dataset}-{mp.reference_split}"
-
-
-def reference_path(params: "Params") -> Path:
-    return Path(params.metrics.dir) / REFERENCE_DIR / f"{reference_name(params)}.npz"
-
-
-def report_path(params: "Params") -> Path:
-    return Path(params.metrics.dir) / REPORT_FILE
 
 
 def reference_source(params: "Params") -> str:

@@ -25,7 +25,7 @@ def reads(e: Experiment) -> list[str]:
 
 
 def inputs(e: Experiment) -> list[str]:
-    from ..metrics.reference import reference_path
+    from ..metrics.reference_files import reference_path
 
     p = e.params
     return [str(p.data.dir), f"{p.metrics.dir}/model.safetensors", str(reference_path(p).parent),

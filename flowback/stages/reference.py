@@ -26,7 +26,7 @@ def inputs(p: Params) -> list[str]:
 
 
 def outputs(p: Params) -> Outputs:
-    from ..metrics.reference import reference_path, report_path
+    from ..metrics.reference_files import reference_path, report_path
 
     return Outputs(outs=[str(reference_path(p).parent)], metrics=[str(report_path(p))])
 
