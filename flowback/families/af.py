@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..params.schema import ExperimentParams
 
 TARFLOW_ONLY = ("model", "align", "encoder")  # sections an `af` experiment may not override
-SAMPLE_KEYS = ["sample.per_class", "sample.labels", "sample.batch_size", "sample.seed", "sample.dtype"]
+SAMPLE_KEYS = ["sample.per_class", "sample.count", "sample.labels", "sample.batch_size", "sample.seed", "sample.dtype"]
 MODEL_KEYS = ["af", "model.latent", "data.dataset", "data.image_size", "data.classes"]  # what builders.af_config reads
 
 
@@ -148,7 +148,7 @@ class AFFamily(Family):
         return [e.params.model.latent.vae_dir] if e.params.model.latent is not None else []
 
     def sample(self, e, device, rank, progress, guidance_weight=None, count=None, seed=None,
-               chunks="chunks") -> Sampled | None:
+               chunks="chunks", checkpoint=None) -> Sampled | None:
         import json
 
         import torch
@@ -159,12 +159,14 @@ class AFFamily(Family):
 
         p, sp = e.params, e.params.sample
         seed = sp.seed if seed is None else seed
+        checkpoint = e.checkpoint if checkpoint is None else checkpoint
         cfg = af_config(p)
-        model, _ = load_generator(e.checkpoint, expected=cfg, device=device)
-        labels = sample_labels(p.data.num_classes, sp.per_class, sp.labels, seed, count)
+        model, _ = load_generator(checkpoint, expected=cfg, device=device)
+        labels = sample_labels(p.data.num_classes, sp.per_class, sp.labels, seed,
+                               sp.count if count is None else count)
         dtype = torch.bfloat16 if sp.dtype == "bfloat16" else None
         settings = {k.split(".")[1]: getattr(sp, k.split(".")[1]) for k in SAMPLE_KEYS}
-        key = f"{sha256_file(e.checkpoint)}:{json.dumps(settings, sort_keys=True)}:{seed}:{len(labels)}"
+        key = f"{sha256_file(checkpoint)}:{json.dumps(settings, sort_keys=True)}:{seed}:{len(labels)}"
         decode = None
         if p.model.latent is not None:
             from ..models.vae import latent_decoder

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import numpy as np
     import torch
 
@@ -45,6 +47,7 @@ class Family:
 
     name: str = ""
     has_likelihood: bool = True  # training-free classifier and linear probes
+    has_guidance: bool = False  # classifier-free guidance: a weight the sweep can choose
     saves_milestones: bool = False  # train.milestones: models saved along the way, read by milestone experiments
     log_fields: tuple[str, ...] = ()  # train_log.csv columns worth a curve (besides step)
 
@@ -93,9 +96,10 @@ class Family:
 
     def sample(self, e: "Experiment", device: "torch.device", rank: int, progress: bool,
                guidance_weight: float | None = None, count: int | None = None, seed: int | None = None,
-               chunks: str = "chunks") -> Sampled | None:
+               chunks: str = "chunks", checkpoint: "Path | None" = None) -> Sampled | None:
         """Draw the run's samples (resumable chunks under run_dir/`chunks`); None on ranks other than 0.
-        `guidance_weight`, `count`, `seed` override sample.guidance.weight, the sample count and sample.seed."""
+        `guidance_weight`, `count`, `seed` and `checkpoint` override sample.guidance.weight, the sample count,
+        sample.seed and the run's model (a milestone's, for the FID curve)."""
         raise NotImplementedError
 
     # -------------------------------------------------------------------------------------- evaluate

@@ -104,7 +104,7 @@ class TARFlowFamily(Family):
         return [p.model.latent.vae_dir] if p.model.latent is not None else []
 
     def sample(self, e, device, rank, progress, guidance_weight=None, count=None, seed=None,
-               chunks="chunks") -> Sampled | None:
+               chunks="chunks", checkpoint=None) -> Sampled | None:
         import torch
 
         from ..builders import flow_config
@@ -119,11 +119,13 @@ class TARFlowFamily(Family):
         p, sp = e.params, e.params.sample
         g = sp.guidance if guidance_weight is None else sp.guidance.model_copy(update={"weight": guidance_weight})
         seed = sp.seed if seed is None else seed
+        checkpoint = e.checkpoint if checkpoint is None else checkpoint
         fc = flow_config(p)
-        model, meta = load_flow(e.checkpoint, expected=fc, device=device)
-        labels = sample_labels(p.data.num_classes, sp.per_class, sp.labels, seed, count)
+        model, meta = load_flow(checkpoint, expected=fc, device=device)
+        labels = sample_labels(p.data.num_classes, sp.per_class, sp.labels, seed,
+                               sp.count if count is None else count)
         dtype = torch.bfloat16 if sp.dtype == "bfloat16" else None
-        key = f"{sha256_file(e.checkpoint)}:{sp.model_dump_json()}:{g.model_dump_json()}:{seed}:{len(labels)}"
+        key = f"{sha256_file(checkpoint)}:{sp.model_dump_json()}:{g.model_dump_json()}:{seed}:{len(labels)}"
         decode = None
         if p.model.latent is not None:  # denoising (below) runs on latents; decoding follows it
             # a decoder fine-tuned on noisy latents (the decoder stage) replaces the VAE's own
@@ -188,7 +190,7 @@ class TARFlowFamily(Family):
             t = plan_train(e, world)
             rows.append((t, t.steps * t.measure.flops * t.accumulation * world / 1e12 / 3600))
         s = plan_sample(e)
-        n = e.params.sample.per_class * e.params.data.num_classes
+        n = e.params.samples_per_run
         g = e.params.sample.guidance
         guided = 2 if g.method != "none" and g.weight > 0 else 1
         per_image = s.measure.flops / s.value + guided * forward_flops(e, 1)

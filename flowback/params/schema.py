@@ -387,7 +387,10 @@ class JacobiParams(Strict):
 
 
 class SampleParams(Strict):
-    per_class: int = Field(100, ge=1, description="samples per run = per_class x classes")
+    per_class: int = Field(100, ge=1, description="samples per run = per_class x classes (unless count is set)")
+    count: int | None = Field(None, ge=1, description="samples per run, when not per_class x classes (the paper's "
+                                                      "FID-4096: 4096, with labels random); null = per_class x "
+                                                      "classes")
     labels: Literal["balanced", "random"] = Field(
         "balanced", description="balanced: exactly per_class of each class; random: classes drawn uniformly (seeded "
                                 "by sample.seed), as ADM's and ml-tarflow's samplers do")
@@ -407,6 +410,37 @@ class SampleParams(Strict):
     max_redraws: int = Field(0, ge=0, description="redraw a sample that comes out NaN/inf up to this many times, then "
                                                   "stop with an error naming the chunk; 0 = never redraw")
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class SweepParams(Strict):
+    """The paper's evaluation protocol (R-REPA sec. 5, Figure 5 left): each model is sampled at a grid of classifier-free
+    guidance scales, scored by FID at each, and its reported row is drawn at the best one. The sweep's own samples use
+    their own seed, so the scale is chosen on other noise than the row is scored on."""
+
+    scales: list[float] = Field(default_factory=list, description="guidance weights to try (0 = unguided; each needs "
+                                                                  "sample.guidance.method); empty = no sweep: samples "
+                                                                  "use sample.guidance.weight")
+    count: int | None = Field(None, ge=1, description="samples per scale; null = the sample stage's count")
+    seed: Seed = Field(2, description="the sweep's noise (not sample.seed: the reported samples are fresh)")
+
+    @field_validator("scales")
+    @classmethod
+    def _distinct_non_negative(cls, v: list[float]) -> list[float]:
+        if any(w < 0 for w in v) or len(set(v)) != len(v):
+            raise ValueError(f"scales {v} must be distinct and >= 0")
+        return v
+
+
+class CurveParams(Strict):
+    """FID over training (R-REPA Figure 5 right, its "3.3x faster" claim): each run's models saved at train.milestones
+    and its final one, sampled at one guidance scale and scored. One stage per run: sampling and metrics only."""
+
+    enabled: bool = False
+    count: int | None = Field(None, ge=1, description="samples per milestone; null = the sample stage's count")
+    seed: Seed = Field(3, description="the curve's noise")
+    scale: float | Literal["best"] = Field(
+        "best", description="the guidance weight of every point: a number, or best = the run's sweep choice (its "
+                            "final model's best scale, or sample.guidance.weight without a sweep)")
 
 
 # -------------------------------------------------------------------------------------------------------- decoder
@@ -573,6 +607,8 @@ class Params(Strict):
     train: TrainParams = TrainParams()
     align: AlignParams = AlignParams()
     sample: SampleParams = SampleParams()
+    sweep: SweepParams = SweepParams()
+    curve: CurveParams = CurveParams()
     decoder: DecoderParams = DecoderParams()
     af: AFParams = AFParams()
     runtime: RuntimeParams = RuntimeParams()
@@ -604,11 +640,21 @@ class Params(Strict):
         size = self.data.image_size
         if self.model.latent is None and size % self.model.patch_size:
             raise ValueError(f"data.image_size {size} is not a multiple of model.patch_size {self.model.patch_size}")
-        n, split = self.sample.per_class * self.data.num_classes, self.metrics.isc_split_size
-        if split is not None and n % split:
-            raise ValueError(f"metrics.isc_split_size {split} does not divide the {n} samples per run "
-                             f"(sample.per_class x classes)")
+        split = self.metrics.isc_split_size
+        for key, n in (("sample", self.samples_per_run), ("sweep.count", self.sweep.count or self.samples_per_run),
+                       ("curve.count", self.curve.count or self.samples_per_run)):
+            if split is not None and n % split:
+                raise ValueError(f"metrics.isc_split_size {split} does not divide the {n} samples of {key}")
+            if n < self.metrics.isc_splits:
+                raise ValueError(f"{key}: {n} samples cannot make metrics.isc_splits {self.metrics.isc_splits} splits")
+        if self.sweep.scales and self.sample.guidance.method == "none":
+            raise ValueError("sweep.scales needs sample.guidance.method (tarflow or starflow): it sets its weight")
         return self
+
+    @property
+    def samples_per_run(self) -> int:
+        """What the sample stage draws: sample.count, or per_class of each class."""
+        return self.sample.count or self.sample.per_class * self.data.num_classes
 
     @property
     def results_dir(self) -> Path:

@@ -67,7 +67,7 @@ def plan_sample(exp: Experiment) -> Choice:
     cands = _halvings(chunk) if sp.micro_batch in ("auto", None) else [sp.micro_batch]
     if sp.micro_batch is None:
         cands = [chunk]
-    n = sp.per_class * exp.params.data.num_classes
+    n = exp.params.samples_per_run
     if budget is None:
         if sp.micro_batch == "auto":
             raise PlanError(f"run {exp.run!r}: sample.micro_batch auto needs runtime.gpu_memory_gib")

@@ -1,5 +1,8 @@
 """Stage `sample`: one run's samples (class-balanced unless sample.labels is random), ADM-format .npz + PNG grid.
 
+With a guidance sweep (sweep.scales), the samples are drawn at the scale the run's sweep found best (sweep.json);
+otherwise at sample.guidance.weight. sample.json says which.
+
 Outputs in results/runs/<run>/: samples.npz (arr_0 uint8 NHWC, arr_1 labels), samples.png, sample.json (what was
 drawn: count, guidance, denoising, which weights) and, not tracked, sample_timing.json. Resumable: chunks are kept in
 results/runs/<run>/chunks/ until the .npz is written. Sharded: `torchrun --nproc_per_node 8 -m flowback stage sample
@@ -13,12 +16,18 @@ from ..params import Experiment
 from . import RUNTIME, Outputs, Stage
 
 
+def swept(e: Experiment) -> bool:
+    """Whether the run's guidance weight comes from its sweep."""
+    return family(e.family).has_guidance and bool(e.params.sweep.scales)
+
+
 def reads(e: Experiment) -> list[str]:
-    return [*e.source_keys, "results", *RUNTIME, *family(e.family).sample_reads(e)]
+    guided = ["sweep.scales"] if family(e.family).has_guidance else []
+    return [*e.source_keys, "results", *guided, *RUNTIME, *family(e.family).sample_reads(e)]
 
 
 def inputs(e: Experiment) -> list[str]:
-    return [str(e.checkpoint), *family(e.family).sample_inputs(e)]
+    return [str(e.checkpoint), *family(e.family).sample_inputs(e)] + ([f"{e.run_dir}/sweep.json"] if swept(e) else [])
 
 
 def outputs(e: Experiment) -> Outputs:
@@ -37,8 +46,11 @@ def run(e: Experiment, progress: bool = True) -> str:
     from ..plots import image_grid, save_png
     from ..runtime import configure
 
+    from ..io import load_json
+
     dev, rank, _ = setup(configure(e.params.runtime))
-    drawn = family(e.family).sample(e, dev, rank, progress)
+    weight = load_json(e.run_dir / "sweep.json")["best_scale"] if swept(e) else None
+    drawn = family(e.family).sample(e, dev, rank, progress, guidance_weight=weight)
     if drawn is None:  # ranks other than 0
         return ""
     d = e.run_dir
