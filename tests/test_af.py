@@ -194,6 +194,14 @@ def test_generator_and_discriminator_follow_the_label():
     assert l0.shape == (2,) and not torch.allclose(l0, l1)
 
 
+def test_time_conditioned_networks_run_in_float64():
+    """bench/peer_af.py compares in float64: the float32 time features must meet a float64 embedding."""
+    c = cfg(steps=2, pred="v")
+    G, D = Generator(c).double(), Discriminator(c).double()
+    x, y, t = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1]), torch.tensor([1.0, 0.5])
+    assert G(x, y, t, t - 0.5).dtype == D(x, y, t).dtype == torch.float64
+
+
 def test_depth_repetition_reuses_the_same_blocks():
     G1, G3 = Generator(cfg(repeat=2)), Generator(cfg(repeat=3))
     assert sum(p.numel() for p in G1.parameters()) == sum(p.numel() for p in G3.parameters())

@@ -159,7 +159,7 @@ class _NormaliseGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        sq = g.float().square().sum() * g.numel()
+        sq = g.to(torch.promote_types(g.dtype, torch.float32)).square().sum() * g.numel()  # bf16 up, fp64 kept
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sq, op=torch.distributed.ReduceOp.AVG)
         ctx.square_avg.lerp_(sq.to(ctx.square_avg), 1 - ctx.decay)
