@@ -402,3 +402,25 @@ def test_a_guided_step_trains_through_a_frozen_flow_classifier():
     assert all(torch.equal(a, b) for a, b in zip(before, clf.parameters()))
     with pytest.raises(ValueError):
         AFState(c, AFTrainConfig(cg_weight=0.5))  # guidance needs the classifier
+
+
+def test_af256_profile_is_the_released_1nfe_recipe():
+    """profiles/af256.yaml against the released configs (train_afm_1nfe.yaml, dit/b2.yaml, dit/xl2.yaml at 519601d):
+    what the reference trains with, counted in FlowBack steps (two released iterations each)."""
+    from pathlib import Path
+
+    from flowback.builders import af_config, af_train_config
+    from flowback.params import load_params
+
+    p = load_params(Path(__file__).resolve().parents[1] / "profiles" / "af256.yaml")
+    released = AFTrainConfig(lr_g=1e-4, lr_d=1e-4, betas=(0.0, 0.9), eps=1e-8, weight_decay=0.01, ema_decay=0.9999,
+                             ot_start=0.2, ot_end=0.005, ot_decay_steps=1_000_000 // 2, gp_weight=0.25,
+                             gp_fraction=0.25, gp_eps=0.01, cp_weight=0.01, grad_norm=True, grad_norm_decay=0.9,
+                             grad_clip=50.0, min_gap=0.001, update="alternate")
+    assert af_train_config(p) == released
+    assert p.af.train.batch_size == 256 and p.train.flip and p.sample.per_class == 50
+    b2, xl2 = af_config(p.run("af_b2-s0").params), af_config(p.run("af_xl2-s0").params)
+    for c, (width, depth, heads) in ((b2, (768, 12, 12)), (xl2, (1152, 28, 16))):
+        assert (c.width, c.depth, c.width // c.head_dim, c.patch_size, c.mlp_ratio) == (width, depth, heads, 2, 4)
+        assert (c.channels, c.image_size, c.num_classes) == (4, 32, 1000)  # SD-VAE latents of 256 px ImageNet
+        assert (c.steps, c.pred, c.repeat, c.disc_width, c.disc_depth) == (1, "x", 1, None, None)  # D = G's size
