@@ -3,8 +3,8 @@ profile's `adversarial_flow` row is, in a scratch results directory.
 
 A params file is written under --work: the embedded default (params.yaml) with every output path moved there, one
 thread, and one `family: af` experiment per recipe (its `af:` overrides below; `current` is params.yaml's own af:
-section). Then `python -m stages.{prepare,metricnet,reference}` once, and `stages.{train,sample,evaluate}` per run,
-one at a time. Prints (and writes to --work/table_<recipes>.md) FID, sFID, recall, precision, Cond. acc., the last
+section). Then the stages prepare, metricnet and reference once, and train, sample and evaluate per run, one at a
+time (`python -m stages.NAME`, or `python -m flowback stage NAME` where the stage registry replaced the wrappers). Prints (and writes to --work/table_<recipes>.md) FID, sFID, recall, precision, Cond. acc., the last
 fifth's mean D loss (ln 2 = 0.693 is a discriminator at chance) and the training wall time.
 
   python bench/af_digits.py --steps 1500 --seeds 0 --recipes current equal_lr
@@ -64,9 +64,16 @@ def write_params(work: Path, recipes: list[str], seeds: list[int], steps: int | 
     return path
 
 
+def stage_command(name: str, params: Path, run: str | None) -> list[str]:
+    """`python -m stages.NAME` where the per-stage wrappers exist, else the stage registry's `flowback stage NAME`."""
+    if (ROOT / "stages" / f"{name}.py").exists():
+        return [sys.executable, "-m", f"stages.{name}", "--params", str(params), "--quiet",
+                *(["--experiment", run] if run else [])]
+    return [sys.executable, "-m", "flowback", "stage", name, *([run] if run else []), "--params", str(params), "--quiet"]
+
+
 def stage(name: str, params: Path, run: str | None = None) -> float:
-    cmd = [sys.executable, "-m", f"stages.{name}", "--params", str(params), "--quiet"]
-    cmd += ["--experiment", run] if run else []
+    cmd = stage_command(name, params, run)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
