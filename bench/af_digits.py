@@ -4,8 +4,9 @@ profile's `adversarial_flow` row is, in a scratch results directory.
 A params file is written under --work: the embedded default (params.yaml) with every output path moved there, one
 thread, and one `family: af` experiment per recipe (its `af:` overrides below; `current` is params.yaml's own af:
 section). Then the stages prepare, metricnet and reference once, and train, sample and evaluate per run, one at a
-time (`python -m stages.NAME`, or `python -m flowback stage NAME` where the stage registry replaced the wrappers). Prints (and writes to --work/table_<recipes>.md) FID, sFID, recall, precision, Cond. acc., the last
-fifth's mean D loss (ln 2 = 0.693 is a discriminator at chance) and the training wall time.
+time (`python -m stages.NAME`, or `python -m flowback stage NAME` where the stage registry replaced the wrappers).
+Prints (and writes to --work/table_<recipes>.md) FID, sFID, recall, precision, Cond. acc., the last fifth's mean D
+loss (ln 2 = 0.693 is a discriminator at chance) and the training wall time.
 
   python bench/af_digits.py --steps 1500 --seeds 0 --recipes current equal_lr
 """
