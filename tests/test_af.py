@@ -409,7 +409,11 @@ def test_af256_profile_is_the_released_1nfe_recipe():
     what the reference trains with, counted in FlowBack steps (two released iterations each)."""
     from pathlib import Path
 
-    from flowback.builders import af_config, af_train_config
+    import flowback.builders as builders
+
+    if not hasattr(builders, "af_train_config"):  # their home after main's stage-registry redesign
+        from flowback.families import af as builders
+    af_config, af_train_config = builders.af_config, builders.af_train_config
     from flowback.params import load_params
 
     p = load_params(Path(__file__).resolve().parents[1] / "profiles" / "af256.yaml")
