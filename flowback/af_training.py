@@ -1,8 +1,9 @@
 """Training loops for adversarial flow models on in-memory images (the embedded digits profile).
 
 `train_af` runs `af_train_step` over MemoryBatches (the same seeded per-epoch permutations the TARFlow runs use);
-step k draws its noise from a generator seeded by (seed, k), so a run resumed from a saved state at step s continues
-bit-identically to an uninterrupted one. `train_flow_classifier` trains the time-conditioned classifier that
+step k draws its noise from a generator seeded by (seed, k) and reads batch k (update: joint) or batches 2k (D) and
+2k + 1 (G) (update: alternate), so a run resumed from a saved state at step s continues bit-identically to an
+uninterrupted one. `train_flow_classifier` trains the time-conditioned classifier that
 flow-based classifier guidance needs (AFTrainConfig.cg_weight > 0).
 """
 
@@ -71,7 +72,8 @@ def train_af(
     rank: int = 0,
     on_log: Callable[[list[dict]], None] | None = None,
 ) -> AFState:
-    """Train an AF generator on uint8 NCHW images for `steps` steps (one D and one G update each) of `batch`.
+    """Train an AF generator on uint8 NCHW images for `steps` steps (one D and one G update each) of `batch`; with
+    `train.update` alternate each step reads two batches (one per update), as the reference's alternating iterations.
 
     `lr` overrides both learning rates of `train` (default AFTrainConfig()). With `state_path`, the state is saved
     there every `checkpoint_every` steps and at the end (by rank 0), and a run finds it and resumes. Returns the state;
@@ -99,8 +101,12 @@ def train_af(
     bar = tqdm(range(state.step, steps), initial=state.step, total=steps, desc="train af",
                disable=not show_progress or rank != 0)
     for step in bar:
-        b = batches.get(step)
-        stats = af_train_step(state, b.x, b.y, step_rng(seed, step, rank))
+        if train.update == "alternate":  # the reference's order: D and G each take their own batch of the stream
+            b, bg = batches.get(2 * step), batches.get(2 * step + 1)
+            stats = af_train_step(state, b.x, b.y, step_rng(seed, step, rank), g_batch=(bg.x, bg.y))
+        else:
+            b = batches.get(step)
+            stats = af_train_step(state, b.x, b.y, step_rng(seed, step, rank))
         logs = (step + 1) % log_every == 0 or step + 1 == steps
         saves = checkpoint_every and (step + 1) % checkpoint_every == 0
         if logs or saves:  # the host sync, at log and checkpoint steps only: nothing non-finite is ever saved

@@ -15,8 +15,11 @@ from flowback.models.af_objective import (
     AFTrainConfig,
     GradNorm,
     af_train_step,
+    discriminator_update,
+    draw_generator,
     finite_difference_penalty,
     gap_weight,
+    generator_update,
     guidance_loss,
     interpolate,
     ot_loss,
@@ -140,15 +143,22 @@ def test_guidance_loss_reaches_the_generator_not_the_classifier():
     x_gen = torch.randn(6, 1, 8, 8, requires_grad=True)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     tc = AFTrainConfig(cg_weight=0.5)
-    loss = guidance_loss(clf, x_gen, y, torch.zeros(6), torch.Generator().manual_seed(0), tc)
+    d = draw_generator(x_gen.detach(), c, tc, torch.Generator().manual_seed(0))
+    assert bool(((d.t_cg >= 0) & (d.t_cg <= 0.1)).all()) and d.noise_cg.shape == x_gen.shape
+    loss = guidance_loss(clf, x_gen, y, d.t_cg, d.noise_cg, tc)
     loss.backward()
     assert x_gen.grad is not None and x_gen.grad.abs().sum() > 0
+    # flow form: C sees the sample noised back to t'
+    expected = torch.nn.functional.cross_entropy(clf(interpolate(x_gen.detach(), d.noise_cg, d.t_cg), d.t_cg), y) * 0.5
+    torch.testing.assert_close(guidance_loss(clf, x_gen.detach(), y, d.t_cg, d.noise_cg, tc), expected)
     # multi-step form: C sees G's output at its own target time, only inside [cg_t_min, cg_t_max]
     tc2 = AFTrainConfig(cg_weight=0.5, cg_flow=False, cg_t_min=0.0, cg_t_max=0.49)
+    d2 = draw_generator(x_gen.detach(), cfg(steps=2, pred="v"), tc2, torch.Generator().manual_seed(0))
+    assert d2.noise_cg is None and torch.equal(d2.t_cg, d2.t)
     t_tgt = torch.tensor([0.0, 0.5, 0.0, 0.5, 0.0, 0.5])
     per = torch.nn.functional.cross_entropy(clf(x_gen.detach(), t_tgt), y, reduction="none") * 0.5
     expected = (per * (t_tgt <= 0.49)).mean()
-    got = guidance_loss(clf, x_gen.detach(), y, t_tgt, torch.Generator(), tc2)
+    got = guidance_loss(clf, x_gen.detach(), y, t_tgt, None, tc2)
     torch.testing.assert_close(got, expected)
 
 
@@ -182,6 +192,14 @@ def test_generator_and_discriminator_follow_the_label():
     assert out0.shape == z.shape and not torch.allclose(out0, out1)
     l0, l1 = D(z, torch.tensor([0, 0])), D(z, torch.tensor([1, 1]))
     assert l0.shape == (2,) and not torch.allclose(l0, l1)
+
+
+def test_time_conditioned_networks_run_in_float64():
+    """bench/peer_af.py compares in float64: the float32 time features must meet a float64 embedding."""
+    c = cfg(steps=2, pred="v")
+    G, D = Generator(c).double(), Discriminator(c).double()
+    x, y, t = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1]), torch.tensor([1.0, 0.5])
+    assert G(x, y, t, t - 0.5).dtype == D(x, y, t).dtype == torch.float64
 
 
 def test_depth_repetition_reuses_the_same_blocks():
@@ -281,10 +299,11 @@ def test_training_step_moves_both_networks_and_the_ema():
         torch.testing.assert_close(pe, p0 + 0.5 * (pg - p0))
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(steps=2, pred="v")])
-def test_resume_is_bit_identical_and_state_loads_with_weights_only(tmp_path, variant):
+@pytest.mark.parametrize("variant, update", [(dict(), "joint"), (dict(steps=2, pred="v"), "joint"),
+                                             (dict(), "alternate")])
+def test_resume_is_bit_identical_and_state_loads_with_weights_only(tmp_path, variant, update):
     c = cfg(**variant)
-    tc = AFTrainConfig(lr_g=1e-3, lr_d=1e-3, ema_decay=0.9, ot_decay_steps=6)
+    tc = AFTrainConfig(lr_g=1e-3, lr_d=1e-3, ema_decay=0.9, ot_decay_steps=6, update=update)
     images, labels = _data()
     full = train_af(c, images, labels, steps=6, batch=8, seed=5, train=tc, show_progress=False, log_every=1)
 
@@ -315,6 +334,32 @@ def test_resume_is_bit_identical_and_state_loads_with_weights_only(tmp_path, var
                                            a["/ema/final.linear.weight"])
 
 
+def test_alternate_update_gives_d_and_g_their_own_batches_in_stream_order():
+    """update alternate: step k's D update reads batch 2k and its G update batch 2k + 1 (the reference's iterations);
+    joint: both read batch k. Replayed by hand from the same initial state and step generators."""
+    from flowback.data.batches import MemoryBatches
+
+    c = cfg()
+    images, labels = _data()
+    runs = {}
+    for update in ("joint", "alternate"):
+        tc = AFTrainConfig(lr_g=1e-3, lr_d=1e-3, ema_decay=0.5, update=update)
+        trained = train_af(c, images, labels, steps=2, batch=8, seed=4, train=tc, show_progress=False)
+        by_hand, batches = AFState(c, tc, seed=4), MemoryBatches(images, labels, 8, 4)
+        for k in range(2):
+            bd, bg = (batches.get(2 * k), batches.get(2 * k + 1)) if update == "alternate" else (batches.get(k),) * 2
+            rng = step_rng(4, k)
+            discriminator_update(by_hand, bd.x, bd.y, rng)
+            generator_update(by_hand, bg.x, bg.y, rng)
+            by_hand.step += 1
+        a, b = _all_tensors(trained), _all_tensors(by_hand)
+        assert all(torch.equal(a[k], b[k]) for k in a if "/log" not in k)
+        runs[update] = a["/ema/final.linear.weight"]
+    assert not torch.equal(runs["joint"], runs["alternate"])
+    with pytest.raises(ValueError):
+        AFTrainConfig(update="interleaved")
+
+
 def test_a_state_from_another_run_is_refused(tmp_path):
     c = cfg()
     images, labels = _data()
@@ -324,6 +369,9 @@ def test_a_state_from_another_run_is_refused(tmp_path):
         load_af_state(path, AFState(c, AFTrainConfig()), {"seed": 1, "batch": 8, "images": 24})
     with pytest.raises(FlowBackFileError, match="state.pt"):
         train_af(cfg(width=24), images, labels, steps=2, batch=8, seed=0, state_path=path, show_progress=False)
+    with pytest.raises(FlowBackFileError, match="state.pt"):  # another update order is another run
+        train_af(c, images, labels, steps=2, batch=8, seed=0, state_path=path, show_progress=False,
+                 train=AFTrainConfig(update="alternate"))
 
 
 def test_af_bench_cases_sample():
@@ -354,3 +402,25 @@ def test_a_guided_step_trains_through_a_frozen_flow_classifier():
     assert all(torch.equal(a, b) for a, b in zip(before, clf.parameters()))
     with pytest.raises(ValueError):
         AFState(c, AFTrainConfig(cg_weight=0.5))  # guidance needs the classifier
+
+
+def test_af256_profile_is_the_released_1nfe_recipe():
+    """profiles/af256.yaml against the released configs (train_afm_1nfe.yaml, dit/b2.yaml, dit/xl2.yaml at 519601d):
+    what the reference trains with, counted in FlowBack steps (two released iterations each)."""
+    from pathlib import Path
+
+    from flowback.families.af import af_config, af_train_config
+    from flowback.params import load_params
+
+    p = load_params(Path(__file__).resolve().parents[1] / "profiles" / "af256.yaml")
+    released = AFTrainConfig(lr_g=1e-4, lr_d=1e-4, betas=(0.0, 0.9), eps=1e-8, weight_decay=0.01, ema_decay=0.9999,
+                             ot_start=0.2, ot_end=0.005, ot_decay_steps=1_000_000 // 2, gp_weight=0.25,
+                             gp_fraction=0.25, gp_eps=0.01, cp_weight=0.01, grad_norm=True, grad_norm_decay=0.9,
+                             grad_clip=50.0, min_gap=0.001, update="alternate")
+    assert af_train_config(p) == released
+    assert p.af.train.batch_size == 256 and p.train.flip and p.sample.per_class == 50
+    b2, xl2 = af_config(p.run("af_b2-s0").params), af_config(p.run("af_xl2-s0").params)
+    for c, (width, depth, heads) in ((b2, (768, 12, 12)), (xl2, (1152, 28, 16))):
+        assert (c.width, c.depth, c.width // c.head_dim, c.patch_size, c.mlp_ratio) == (width, depth, heads, 2, 4)
+        assert (c.channels, c.image_size, c.num_classes) == (4, 32, 1000)  # SD-VAE latents of 256 px ImageNet
+        assert (c.steps, c.pred, c.repeat, c.disc_width, c.disc_depth) == (1, "x", 1, None, None)  # D = G's size

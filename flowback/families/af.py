@@ -50,7 +50,7 @@ def af_train_config(params: "Params") -> "AFTrainConfig":
                          ema_decay=t.ema_decay, ot_start=t.ot.start, ot_end=t.ot.end,
                          ot_decay_steps=t.ot.decay_steps or t.steps, gp_weight=t.gp_weight,
                          gp_fraction=t.gp_fraction, gp_eps=t.gp_eps, cp_weight=t.cp_weight, grad_norm=t.grad_norm,
-                         grad_norm_decay=t.grad_norm_decay, grad_clip=t.grad_clip, min_gap=t.min_gap)
+                         grad_norm_decay=t.grad_norm_decay, grad_clip=t.grad_clip, min_gap=t.min_gap, update=t.update)
 
 
 def save_generator(path: str | Path, generator, **meta: Any) -> None:

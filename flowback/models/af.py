@@ -128,7 +128,7 @@ class TimeEmbed(nn.Module):
             nn.init.zeros_(self.mlp[i].bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(time_features(t))
+        return self.mlp(time_features(t).to(self.mlp[0].weight.dtype))  # float32 features; a float64 copy works too
 
 
 class ClassEmbed(nn.Module):

@@ -20,9 +20,12 @@ paired with a real of the same class. As the reference code does:
 - Flow-based classifier guidance: lambda_cg * cross-entropy of a frozen time-conditioned classifier C on the
   generated sample noised back along the flow, C((1 - t') G + t' eps, t'), t' ~ U(cg_t_min, cg_t_max); for
   multi-step models (cg_flow false) C sees G's output at its own target time t, only where t in [cg_t_min, cg_t_max].
-- Order: one `af_train_step` is one D update then one G update, each drawing its own noise (the reference code
-  alternates them as separate iterations with separate batches; here both use the step's batch). The generator's EMA
-  is updated after each G update.
+- Order: one `af_train_step` is one D update then one G update, each drawing its own noise. `update: alternate`
+  (the reference code's order: its iterations alternate D and G, each with its own batch from its own loader) gives
+  the G update the next batch of the stream; `update: joint` gives both updates the step's batch. Either way a step
+  is two reference iterations. The generator's EMA is updated after each G update.
+- Every random input of an update is drawn (`draw_*`) before any network runs, and the losses (`*_loss`) are
+  functions of those draws, so another implementation can be fed the same tensors (bench/peer_af.py).
 """
 
 from __future__ import annotations
@@ -39,9 +42,13 @@ from torch import nn
 from .af import AFConfig, Discriminator, FlowClassifier, Generator, to_target
 
 
+UPDATES = ("joint", "alternate")
+
+
 @dataclass(frozen=True)
 class AFTrainConfig:
-    """Defaults: the reference code's 1-NFE ImageNet 256 settings (configs/train/afm/train_afm_1nfe.yaml)."""
+    """Defaults: the reference code's 1-NFE ImageNet 256 settings (configs/train/afm/train_afm_1nfe.yaml), except
+    `update` (joint, FlowBack's original order, so existing runs keep their numbers; the af256 profile sets it)."""
 
     lr_g: float = 1e-4
     lr_d: float = 1e-4
@@ -64,6 +71,7 @@ class AFTrainConfig:
     cg_t_min: float = 0.0
     cg_t_max: float = 0.1
     cg_flow: bool = True
+    update: str = "joint"  # joint: D and G on the step's batch; alternate: G on the next batch (the reference's order)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -73,6 +81,8 @@ class AFTrainConfig:
             raise ValueError(f"ot_decay_steps must be >= 1, got {self.ot_decay_steps}")
         if not 0 <= self.ema_decay < 1 or not 0 <= self.grad_norm_decay < 1:
             raise ValueError("ema_decay and grad_norm_decay must be in [0, 1)")
+        if self.update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {self.update!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -149,7 +159,7 @@ class _NormaliseGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        sq = g.float().square().sum() * g.numel()
+        sq = g.to(torch.promote_types(g.dtype, torch.float32)).square().sum() * g.numel()  # bf16 up, fp64 kept
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sq, op=torch.distributed.ReduceOp.AVG)
         ctx.square_avg.lerp_(sq.to(ctx.square_avg), 1 - ctx.decay)
@@ -175,17 +185,14 @@ def classifier_loss(classifier: FlowClassifier, x: torch.Tensor, y: torch.Tensor
     return F.cross_entropy(classifier(interpolate(x, noise, t), t), y)
 
 
-def guidance_loss(classifier: FlowClassifier, x_gen: torch.Tensor, y: torch.Tensor, t_tgt: torch.Tensor,
-                  rng: torch.Generator, tc: AFTrainConfig) -> torch.Tensor:
-    """Flow-based classifier guidance: lambda_cg * CE(C(x', t'), y), gradients through the frozen C into G."""
-    lo, hi = tc.cg_t_min, tc.cg_t_max
-    if tc.cg_flow:
-        t = (torch.rand(len(x_gen), generator=rng) * (hi - lo) + lo).to(x_gen.device)
-        x = interpolate(x_gen, torch.randn(x_gen.shape, generator=rng).to(x_gen.device), t)
-    else:
-        t, x = t_tgt, x_gen
+def guidance_loss(classifier: FlowClassifier, x_gen: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+                  noise: torch.Tensor | None, tc: AFTrainConfig) -> torch.Tensor:
+    """Flow-based classifier guidance: lambda_cg * CE(C(x', t), y), gradients through the frozen C into G. With `noise`
+    (cg_flow) x' = (1 - t) G + t noise; without, x' = G at its own target time t. Only t in [cg_t_min, cg_t_max]
+    counts."""
+    x = x_gen if noise is None else interpolate(x_gen, noise, t)
     ce = F.cross_entropy(classifier(x, t), y, reduction="none") * tc.cg_weight
-    return torch.where((t >= lo) & (t <= hi), ce, torch.zeros_like(ce)).mean()
+    return torch.where((t >= tc.cg_t_min) & (t <= tc.cg_t_max), ce, torch.zeros_like(ce)).mean()
 
 
 # ------------------------------------------------------------------------------------------ training state
@@ -259,72 +266,124 @@ def _clip(params, max_norm: float) -> torch.Tensor:
     return nn.utils.clip_grad_norm_(list(params), max_norm if max_norm > 0 else float("inf"))
 
 
-def discriminator_update(state: AFState, x_real: torch.Tensor, y: torch.Tensor, rng: torch.Generator) -> dict:
+@dataclass
+class Draws:
+    """Every random input of one update (on the state's device). D: the R1/R2 directions `n_r1`, `n_r2` (penalised
+    rows only); G with guidance: the classifier's time `t_cg` and, for flow guidance, its noise `noise_cg`."""
+
+    noise_src: torch.Tensor
+    noise_tgt: torch.Tensor
+    s: torch.Tensor
+    t: torch.Tensor
+    n_r1: torch.Tensor | None = None
+    n_r2: torch.Tensor | None = None
+    t_cg: torch.Tensor | None = None
+    noise_cg: torch.Tensor | None = None
+
+
+def _path_draws(x_real: torch.Tensor, cfg: AFConfig, rng: torch.Generator) -> list[torch.Tensor]:
+    noise_src, noise_tgt = (torch.randn(x_real.shape, generator=rng) for _ in range(2))
+    return [noise_src, noise_tgt, *sample_times(len(x_real), cfg, rng)]
+
+
+def gp_rows(batch: int, tc: AFTrainConfig) -> int:
+    return max(round(batch * tc.gp_fraction), 1)
+
+
+def draw_discriminator(x_real: torch.Tensor, cfg: AFConfig, tc: AFTrainConfig, rng: torch.Generator) -> Draws:
+    path = _path_draws(x_real, cfg, rng)
+    k = gp_rows(len(x_real), tc)
+    n_r1, n_r2 = (torch.randn((k, *x_real.shape[1:]), generator=rng) for _ in range(2))
+    return Draws(*(v.to(x_real.device) for v in (*path, n_r1, n_r2)))
+
+
+def draw_generator(x_real: torch.Tensor, cfg: AFConfig, tc: AFTrainConfig, rng: torch.Generator) -> Draws:
+    noise_src, noise_tgt, s, t = (v.to(x_real.device) for v in _path_draws(x_real, cfg, rng))
+    t_cg = noise_cg = None
+    if tc.cg_weight > 0 and tc.cg_flow:
+        t_cg = (torch.rand(len(x_real), generator=rng) * (tc.cg_t_max - tc.cg_t_min) + tc.cg_t_min).to(x_real.device)
+        noise_cg = torch.randn(x_real.shape, generator=rng).to(x_real.device)
+    elif tc.cg_weight > 0:
+        t_cg = t
+    return Draws(noise_src, noise_tgt, s, t, t_cg=t_cg, noise_cg=noise_cg)
+
+
+def discriminator_loss(state: AFState, x_real: torch.Tensor, y: torch.Tensor, d: Draws):
+    """(total loss, its terms): relativistic + R1 + R2 (finite differences) + logit centering. G runs without grad."""
     cfg, tc, G, D = state.cfg, state.train, state.generator, state.discriminator
-    dev, B = state.device, len(x_real)
-    k = max(round(B * tc.gp_fraction), 1)
-    noise_src, noise_tgt = (torch.randn(x_real.shape, generator=rng).to(dev) for _ in range(2))
-    s, t = (v.to(dev) for v in sample_times(B, cfg, rng))
-    n1, n2 = (torch.randn((k, *x_real.shape[1:]), generator=rng).to(dev) for _ in range(2))
-    x_s, x_t = interpolate(x_real, noise_src, s), interpolate(x_real, noise_tgt, t)
+    B, k = len(x_real), len(d.n_r1)
+    x_s, x_t = interpolate(x_real, d.noise_src, d.s), interpolate(x_real, d.noise_tgt, d.t)
     with torch.no_grad():
-        fake = to_target(cfg, x_s, G(x_s, y, s, t), s, t)
-    w = gap_weight(s, t, tc.min_gap)[:k]
-    logits = D(torch.cat([x_t, fake, x_t[:k] + tc.gp_eps * n1, fake[:k] + tc.gp_eps * n2]),
+        fake = to_target(cfg, x_s, G(x_s, y, d.s, d.t), d.s, d.t)
+    w = gap_weight(d.s, d.t, tc.min_gap)[:k]
+    t = d.t
+    logits = D(torch.cat([x_t, fake, x_t[:k] + tc.gp_eps * d.n_r1, fake[:k] + tc.gp_eps * d.n_r2]),
                torch.cat([y, y, y[:k], y[:k]]), torch.cat([t, t, t[:k], t[:k]]))
     real, fake_l, real_p, fake_p = logits.split([B, B, k, k])
     adv = relativistic_loss(real, fake_l)
     r1 = tc.gp_weight * finite_difference_penalty(real_p, real[:k], tc.gp_eps, w)
     r2 = tc.gp_weight * finite_difference_penalty(fake_p, fake_l[:k], tc.gp_eps, w)
     cp = tc.cp_weight * centering_penalty(real, fake_l)
-    loss = adv + r1 + r2 + cp
+    return adv + r1 + r2 + cp, {"d_loss": adv, "r1": r1, "r2": r2, "cp": cp, "logit_real": real.mean(),
+                                "logit_fake": fake_l.mean()}
+
+
+def generator_loss(state: AFState, x_real: torch.Tensor, y: torch.Tensor, d: Draws):
+    """(total loss, its terms): relativistic (through gradient normalisation) + lambda_ot(step) L_ot (+ guidance).
+    D's parameters get no gradient."""
+    cfg, tc, G, D = state.cfg, state.train, state.generator, state.discriminator
+    x_s, x_t = interpolate(x_real, d.noise_src, d.s), interpolate(x_real, d.noise_tgt, d.t)
+    D.requires_grad_(False)
+    try:
+        fake = to_target(cfg, x_s, G(x_s, y, d.s, d.t), d.s, d.t)
+        with torch.no_grad():
+            real_l = D(x_t, y, d.t)
+        fake_l = D(state.grad_norm(fake) if tc.grad_norm else fake, y, d.t)
+    finally:
+        D.requires_grad_(True)
+    adv = relativistic_loss(fake_l, real_l)
+    ot = ot_loss(fake, x_s, gap_weight(d.s, d.t, tc.min_gap))
+    lam = ot_weight(state.step, tc.ot_start, tc.ot_end, tc.ot_decay_steps)
+    cg = torch.zeros((), device=x_real.device)
+    if tc.cg_weight > 0:
+        cg = guidance_loss(state.classifier, fake, y, d.t_cg, d.noise_cg, tc)
+    return adv + lam * ot + cg, {"g_loss": adv, "ot": ot, "ot_weight": lam, "cg": cg}
+
+
+def discriminator_update(state: AFState, x_real: torch.Tensor, y: torch.Tensor, rng: torch.Generator) -> dict:
+    loss, terms = discriminator_loss(state, x_real, y, draw_discriminator(x_real, state.cfg, state.train, rng))
     state.opt_d.zero_grad(set_to_none=True)
     loss.backward()
-    average_gradients(D)
-    norm = _clip(D.parameters(), tc.grad_clip)
+    average_gradients(state.discriminator)
+    norm = _clip(state.discriminator.parameters(), state.train.grad_clip)
     state.opt_d.step()
-    return {"d_loss": adv.detach(), "r1": r1.detach(), "r2": r2.detach(), "cp": cp.detach(), "d_grad_norm": norm,
-            "logit_real": real.mean().detach(), "logit_fake": fake_l.mean().detach()}
+    out = {k: v.detach() for k, v in terms.items()}
+    return {**{k: out.pop(k) for k in ("d_loss", "r1", "r2", "cp")}, "d_grad_norm": norm, **out}  # the log's columns
 
 
 def generator_update(state: AFState, x_real: torch.Tensor, y: torch.Tensor, rng: torch.Generator) -> dict:
-    cfg, tc, G, D = state.cfg, state.train, state.generator, state.discriminator
-    dev, B = state.device, len(x_real)
-    noise_src, noise_tgt = (torch.randn(x_real.shape, generator=rng).to(dev) for _ in range(2))
-    s, t = (v.to(dev) for v in sample_times(B, cfg, rng))
-    x_s, x_t = interpolate(x_real, noise_src, s), interpolate(x_real, noise_tgt, t)
-    D.requires_grad_(False)
-    try:
-        fake = to_target(cfg, x_s, G(x_s, y, s, t), s, t)
-        with torch.no_grad():
-            real_l = D(x_t, y, t)
-        fake_l = D(state.grad_norm(fake) if tc.grad_norm else fake, y, t)
-        adv = relativistic_loss(fake_l, real_l)
-        ot = ot_loss(fake, x_s, gap_weight(s, t, tc.min_gap))
-        lam = ot_weight(state.step, tc.ot_start, tc.ot_end, tc.ot_decay_steps)
-        cg = torch.zeros((), device=dev)
-        if tc.cg_weight > 0:
-            cg = guidance_loss(state.classifier, fake, y, t, rng, tc)
-        loss = adv + lam * ot + cg
-        state.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-    finally:
-        D.requires_grad_(True)
+    G, tc = state.generator, state.train
+    loss, terms = generator_loss(state, x_real, y, draw_generator(x_real, state.cfg, tc, rng))
+    state.opt_g.zero_grad(set_to_none=True)
+    loss.backward()
     average_gradients(G)
     norm = _clip(G.parameters(), tc.grad_clip)
     state.opt_g.step()
     with torch.no_grad():
         for pe, pg in zip(state.ema.parameters(), G.parameters()):
             pe.lerp_(pg, 1 - tc.ema_decay)
-    return {"g_loss": adv.detach(), "ot": ot.detach(), "ot_weight": lam, "cg": cg.detach(), "g_grad_norm": norm}
+    return {**{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in terms.items()}, "g_grad_norm": norm}
 
 
-def af_train_step(state: AFState, x_real: torch.Tensor, y: torch.Tensor, rng: torch.Generator) -> dict:
-    """One D update then one G update on the batch (x_real in model space, y int64 labels); `rng` (a CPU
-    torch.Generator) supplies every random draw, so a step is a pure function of (state, batch, rng seed).
-    Returns the step's losses and gradient norms as 0-d tensors (no host sync per step; `float()` them to log)."""
+def af_train_step(state: AFState, x_real: torch.Tensor, y: torch.Tensor, rng: torch.Generator,
+                  g_batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """One D update on (x_real, y), then one G update on `g_batch` (update: alternate, the next batch) or on the same
+    batch (None: update joint); x in model space, y int64 labels. `rng` (a CPU torch.Generator) supplies every random
+    draw, so a step is a pure function of (state, batches, rng seed). Returns the step's losses and gradient norms as
+    0-d tensors (no host sync per step; `float()` them to log)."""
     x_real, y = x_real.to(state.device), y.to(state.device)
+    xg, yg = (x_real, y) if g_batch is None else (g_batch[0].to(state.device), g_batch[1].to(state.device))
     stats = discriminator_update(state, x_real, y, rng)
-    stats.update(generator_update(state, x_real, y, rng))
+    stats.update(generator_update(state, xg, yg, rng))
     state.step += 1
     return stats

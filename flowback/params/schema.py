@@ -508,6 +508,9 @@ class AFTrainParams(Strict):
     grad_norm: bool = Field(True, description="normalise D's gradient into G (the paper's gradient normalisation)")
     grad_norm_decay: float = Field(0.9, ge=0, lt=1)
     min_gap: float = Field(0.001, ge=0)
+    update: Literal["joint", "alternate"] = Field(
+        "joint", description="joint: a step's D and G updates share its batch; alternate: each takes its own (the "
+                             "reference code's order; two batches per step)")
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
 
