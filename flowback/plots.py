@@ -82,3 +82,25 @@ def image_grid(images_nhwc: np.ndarray, labels: np.ndarray, num_classes: int, pe
         for j, i in enumerate(np.flatnonzero(labels == k)[:per_row]):
             grid[1 + k * (h + 1) : 1 + k * (h + 1) + h, 1 + j * (w + 1) : 1 + j * (w + 1) + w] = images_nhwc[i]
     return grid
+
+
+def metric_lines(runs: dict[str, list[Path]], x: str, y: str, out: str | Path, xlabel: str, ylabel: str,
+                 title: str) -> None:
+    """`y` against `x` from each run's CSV: one colour per experiment, its mean over seeds as a line with markers and
+    its seeds' range shaded (the figures of the paper's Figure 5)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colours = _colours(list(runs))
+    for name, paths in runs.items():
+        frames = [pd.read_csv(path)[[x, y]] for path in paths]
+        table = pd.concat(frames).groupby(x)[y]
+        mean, low, high = table.mean(), table.min(), table.max()
+        ax.plot(mean.index, mean.values, marker="o", ms=3, lw=1.2, color=colours[name],
+                label=f"{name} ({len(frames)} seed{'s' if len(frames) > 1 else ''})")
+        if len(frames) > 1:
+            ax.fill_between(mean.index, low.values, high.values, color=colours[name], alpha=0.15, lw=0)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out)

@@ -33,6 +33,9 @@ def tiny_raw(tmp: Path, **sections) -> dict:
     raw["model"].update(width=16, layers=1, head_dim=8, mlp_ratio=1)
     raw["train"].update(steps=3, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1)
     raw["sample"].update(per_class=3, batch_size=16)
+    raw["sweep"].update(scales=[0.0, 1.0], count=20)
+    raw["curve"].update(count=20)
+    raw["metrics"]["calibration"]["halves"] = 2
     raw["runtime"]["threads"] = 1
     raw["experiments"] = {"baseline": {"strategy": "none"}, "reverse_78": {"strategy": "reverse", "position": "7&8"}}
     for section, value in sections.items():

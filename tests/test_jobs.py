@@ -14,7 +14,8 @@ from flowback.tables import MISSING
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
-    """prepare .. table on a tiny profile; reverse_78 and baseline at seed 0 run, baseline's seed 1 deliberately not."""
+    """Every stage of a tiny profile (guidance sweep, FID curve and calibration included); baseline's seed 1 and
+    forward_12 deliberately not run."""
     tmp = tmp_path_factory.mktemp("jobs")
     p = tiny_params(tmp, experiments={"baseline": {"strategy": "none", "seeds": [0, 1]},
                                       "reverse_78": {"strategy": "reverse", "position": "7&8"},
@@ -23,14 +24,10 @@ def pipeline_run(tmp_path_factory):
                                       "reverse_78_at2": {"milestone": {"of": "reverse_78", "step": 2}}},
                     train={"milestones": [2]}, af={"generator": {"width": 16, "depth": 1, "head_dim": 8},
                         "train": {"steps": 3, "batch_size": 8, "log_every": 1, "checkpoint_every": 2}})
-    for name in ("prepare", "encoder", "metricnet", "reference"):
-        stage(name, p)
-    for run in ("baseline-s0", "reverse_78-s0", "af-s0"):
-        for name in ("train", "sample", "evaluate") + (("probe",) if run != "af-s0" else ()):
-            stage(name, p, run)
-    for name in ("sample", "evaluate"):  # the milestone run: reverse_78-s0's model after step 2, no training
-        stage(name, p, "reverse_78_at2-s0")
-    stage("table", p)
+    pipe = Pipeline(load_params(p), str(p))
+    for inst in pipe.instances:  # in pipeline order; baseline's seed 1 and forward_12 deliberately not run
+        if inst.run not in ("baseline-s1", "forward_12-s0"):
+            stage(inst.stage, p, inst.run)
     return tmp, p
 
 
@@ -97,8 +94,10 @@ def test_each_finished_stage_writes_its_key_file(pipeline_run):
     for name in done:
         assert pipe.stamp(pipe.by_name[name]).exists(), name
     assert not pipe.stamp(pipe.by_name["train_baseline-s1"]).exists()
-    # prepare, encoder, metricnet, reference, table; train/sample/evaluate of 3 runs, probe of 2; the milestone's two
-    assert len(list((tmp / "results" / "stamps").glob("*.key"))) == 4 + 1 + 3 * 3 + 2 + 2
+    ran = {i.name for i in pipe.instances if i.run not in ("baseline-s1", "forward_12-s0")}
+    stamps = {f.name.rsplit(".", 2)[0] for f in (tmp / "results" / "stamps").glob("*.key")}
+    assert stamps == ran and {"sweep_reverse_78-s0", "curve_baseline-s0", "calibrate"} <= stamps
+    assert "sweep_af-s0" not in pipe.by_name and "curve_reverse_78_at2-s0" not in pipe.by_name  # no guidance; no training
 
 
 def test_a_second_runner_of_the_same_run_stops_naming_the_holder(pipeline_run, capsys):

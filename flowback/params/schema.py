@@ -168,6 +168,15 @@ class ProbeParams(Strict):
     seed: Seed = 0
 
 
+class CalibrationParams(Strict):
+    """Real images scored like samples, and the split-half FID floor (the calibrate stage)."""
+
+    enabled: bool = False
+    split: Literal["train", "val"] = Field("val", description="the real images scored as samples (val: held out)")
+    halves: int = Field(4, ge=1, description="random halvings of the reference split for the FID floor")
+    seed: Seed = 0
+
+
 class MetricParams(Strict):
     """Feature network for FID / sFID / IS / precision-recall, and the reference images (a split or an ADM batch)."""
 
@@ -192,6 +201,7 @@ class MetricParams(Strict):
     classifier_batch_size: int | Literal["auto"] = Field(
         128, description="images per backward pass of the training-free classifier; auto = the memory plan's choice")
     probe: ProbeParams = ProbeParams()
+    calibration: CalibrationParams = CalibrationParams()
 
 
 # ---------------------------------------------------------------------------------------------------------- model
