@@ -92,8 +92,7 @@ class Row:
     family: str = "tarflow"
     baseline: bool = False  # the row the others of its family are compared with
     layer_base: int = 1
-    paper: str | None = None
-    extra: dict = field(default_factory=dict)
+    paper: list[str] = field(default_factory=list)  # the paper's rows it reproduces
 
     def values(self, key: str) -> list[float]:
         return _finite([r.get(key) for r in self.runs if r])
@@ -220,15 +219,14 @@ def paper_frame(rows: list[Row]) -> pd.DataFrame:
 
     records = []
     for r in rows:
-        if not r.paper:
-            continue
-        table, _, name = r.paper.partition("/")
-        ref = row(r.paper)
-        rec = {"Table": table, "Paper row": ref["label"], "Experiment": r.experiment}
-        for key, col in PAPER_COLUMNS:
-            rec[col], _, _ = spread(r.values(key))
-            rec[f"{col} paper"] = float(ref[key]) if ref.get(key) is not None else float("nan")
-        records.append(rec)
+        for key_ in r.paper:
+            table = key_.partition("/")[0]
+            ref = row(key_)
+            rec = {"Table": table, "Paper row": ref["label"], "Experiment": r.experiment}
+            for key, col in PAPER_COLUMNS:
+                rec[col], _, _ = spread(r.values(key))
+                rec[f"{col} paper"] = float(ref[key]) if ref.get(key) is not None else float("nan")
+            records.append(rec)
     df = pd.DataFrame.from_records(records)
     if not len(df):
         return df

@@ -255,3 +255,31 @@ def test_inception_loader_never_unpickles_objects(tmp_path):
 def test_missing_inception_names_the_directory(tmp_path):
     with pytest.raises(FlowBackError, match=rf"{tmp_path}: no Inception weights.*flowback weights fetch"):
         load_feature_network("inception", tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["vit_base_patch16_clip_224.openai", "vit_base_patch16_224.mae",
+                                  "vit_large_patch14_dinov2.lvd142m"])
+def test_table8_encoders_fetch_and_load_through_the_dinov2_path(tmp_path, sources, arch):
+    """R-REPA Table 8's CLIP-B, MAE-B and DINOv2-L are timm names like DINOv2-B: the same fetch, verify and loader
+    (tiny random networks of each architecture stand in for the hub weights)."""
+    from flowback.alignment.encoder import load_encoder
+
+    kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        net = timm.create_model(arch, pretrained=False, **kw)
+    src = tmp_path / "enc.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(src))
+    raw = {"encoder": {"dir": str(tmp_path / "enc"), "arch": arch, "hub": arch, "kwargs": kw, "input_size": 16,
+                       "mean": [0.5] * 3, "std": [0.5] * 3},
+           "metrics": {"network": "inception", "dir": str(tmp_path / "inception")},
+           "experiments": {"baseline": {}, "rrepa": {"strategy": "reverse", "position": "7&8"}}}
+    checks = w.fetch(validate(raw), {"encoder": str(src), "inception": sources["inception"]}, out=lambda _: None,
+                     progress=False)
+    assert all(c.ok for c in checks) and all(c.ok for c in w.verify(validate(raw), out=lambda _: None))
+    enc = load_encoder(tmp_path / "enc", allow_hub=False)
+    feats = enc(torch.zeros(2, 3, 16, 16))
+    assert feats.shape == (2, 4, 4, 32)  # a 4x4 grid of 32-d patch features, whatever the family
+    net.eval()
+    ref = net.forward_features(torch.zeros(2, 3, 16, 16))
+    assert torch.isfinite(feats).all() and ref.shape[-1] == 32

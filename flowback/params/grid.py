@@ -40,7 +40,7 @@ class Experiment(BaseModel):
     strategy: str
     position: str | None
     positions: list[tuple[int, int]]
-    paper: str | None = None
+    paper: str | list[str] | None = None
     milestone: MilestoneRef | None = None
 
     @property

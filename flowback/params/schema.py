@@ -545,7 +545,7 @@ class MilestoneRef(Strict):
     step: int = Field(ge=1)
 
 
-MILESTONE_OVERRIDABLE = ("sample", "metrics", "runtime")  # what a milestone experiment may change: not the training
+MILESTONE_OVERRIDABLE = ("sample", "sweep", "curve", "metrics", "runtime")  # what a milestone run may change: not the training
 
 
 class ExperimentParams(Strict):
@@ -556,22 +556,28 @@ class ExperimentParams(Strict):
     seeds: list[Seed] | None = Field(None, min_length=1,
                                      description="training seeds, one run each (default: [train.seed])")
     overrides: dict[str, Any] = Field(default_factory=dict, description="deep-merged over the top-level params")
-    paper: str | None = Field(None, description="the paper's row this reproduces, e.g. ablation/reverse_78")
+    paper: str | list[str] | None = Field(
+        None, description="the paper's row this reproduces, e.g. ablation/reverse_78, or several (the paper reports "
+                          "some runs in two tables)")
     milestone: MilestoneRef | None = Field(
         None, description="no training of its own: sample and score experiment `of`'s model saved at `step` (e.g. "
                           "the 400K rows read from the 1M runs); strategy, position, family and seeds are of's")
 
     @field_validator("paper")
     @classmethod
-    def _known_row(cls, v: str | None) -> str | None:
-        if v is not None:
-            from ..paper import row  # pipeline: validation only
+    def _known_row(cls, v: str | list[str] | None) -> str | list[str] | None:
+        from ..paper import row  # pipeline: validation only
 
+        for key in [v] if isinstance(v, str) else v or []:
             try:
-                row(v)
+                row(key)
             except KeyError as e:
                 raise ValueError(e.args[0]) from None
         return v
+
+    @property
+    def paper_rows(self) -> list[str]:
+        return [self.paper] if isinstance(self.paper, str) else list(self.paper or [])
 
     @field_validator("seeds")
     @classmethod

@@ -150,7 +150,7 @@ def run(p: Params, progress: bool = True) -> str:
         is_base = spec.strategy == "none" and trains and spec.family not in baselines
         baselines |= {spec.family} if is_base else set()
         rows.append(Row(name, fam.label(p, spec), spec.position, records, spec.family, is_base, p.align.layer_base,
-                        p.experiments[name].paper))
+                        p.experiments[name].paper_rows))
         dirs = [p.run_dir(r) for r in run_ids]
         if trains and "bpd" in fam.log_fields:
             logs[name] = [d / "train_log.csv" for d in dirs if (d / "train_log.csv").exists()]
