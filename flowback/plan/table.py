@@ -79,8 +79,9 @@ def print_plan(path: str, gpu_mem: float | None = None, world: int | None = None
         elif c.stage == "encode":
             what, per_step = f"VAE batch {c.value} (x2: image and flip)", c.measure.flops / 1e12
         else:
-            what, per_step = f"batch {c.value}", c.measure.flops / 1e12
-        note = " (a lower bound: KV-cached decoding runs far below training MFU)" if c.stage == "sample" else ""
+            what, per_step = f"batch {c.value}" + (f", {c.note}" if c.note else ""), c.measure.flops / 1e12
+        sampling = c.stage in ("sample", "sweep", "curve")
+        note = " (a lower bound: KV-cached decoding runs far below training MFU)" if sampling else ""
         out(f"| {c.run} | {c.stage} | {c.measure.peak / GIB:.1f} | {per_step:.1f} | {what} | {hours:,.1f}{note} |")
     out("")
     out(f"grid total: {total:,.0f} GPU-hours at MFU {mfu:.0%}")
