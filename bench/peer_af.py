@@ -93,10 +93,10 @@ def load_reference(ref: Path):
 # ------------------------------------------------------------------------------------------------------ cases
 CASES = {
     "1-NFE, x-pred": dict(cfg=dict(), cg=None),
-    "2-step, v-pred": dict(cfg=dict(steps=2, pred="v"), cg=None),
+    "2-step, v-pred": dict(cfg=dict(nfe=2, pred="v"), cg=None),
     "any-step, v-pred": dict(cfg=dict(any_step=True, pred="v"), cg=None),
     "1-NFE + flow CG": dict(cfg=dict(), cg=dict(weight=0.003, flow=True, lo=0.0, hi=0.1)),
-    "2-step + CG at t <= 0.49": dict(cfg=dict(steps=2, pred="v"), cg=dict(weight=0.02, flow=False, lo=0.0, hi=0.49)),
+    "2-step + CG at t <= 0.49": dict(cfg=dict(nfe=2, pred="v"), cg=dict(weight=0.02, flow=False, lo=0.0, hi=0.49)),
 }
 SMALL = dict(channels=4, image_size=8, patch_size=2, width=32, depth=2, head_dim=16, mlp_ratio=2, num_classes=5)
 BATCH = 8
@@ -117,8 +117,8 @@ def draws(cfg: AFConfig, tc: AFTrainConfig, g: torch.Generator) -> tuple[Draws, 
         s = torch.rand(BATCH, generator=g, dtype=torch.float64)
         t = torch.rand(BATCH, generator=g, dtype=torch.float64) * s
     else:
-        k = torch.randint(1, cfg.steps + 1, (BATCH,), generator=g).double()
-        s, t = k / cfg.steps, (k - 1) / cfg.steps
+        k = torch.randint(1, cfg.nfe + 1, (BATCH,), generator=g).double()
+        s, t = k / cfg.nfe, (k - 1) / cfg.nfe
     noises = {n: rn(shape) for n in ("src", "tgt", "r1", "r2", "cg")}
     t_cg = None
     if tc.cg_weight > 0:

@@ -130,7 +130,7 @@ def test_path_endpoints_and_training_times():
     assert torch.equal(interpolate(x, z, torch.zeros(5)), x)
     s, t = sample_times(6, cfg(), torch.Generator().manual_seed(0))
     assert s.tolist() == [1.0] * 6 and t.tolist() == [0.0] * 6
-    s, t = sample_times(400, cfg(steps=4, pred="v"), torch.Generator().manual_seed(0))
+    s, t = sample_times(400, cfg(nfe=4, pred="v"), torch.Generator().manual_seed(0))
     assert set(s.tolist()) == {0.25, 0.5, 0.75, 1.0}
     torch.testing.assert_close(s - t, torch.full_like(s, 0.25))
     s, t = sample_times(400, cfg(any_step=True, pred="v"), torch.Generator().manual_seed(0))
@@ -153,7 +153,7 @@ def test_guidance_loss_reaches_the_generator_not_the_classifier():
     torch.testing.assert_close(guidance_loss(clf, x_gen.detach(), y, d.t_cg, d.noise_cg, tc), expected)
     # multi-step form: C sees G's output at its own target time, only inside [cg_t_min, cg_t_max]
     tc2 = AFTrainConfig(cg_weight=0.5, cg_flow=False, cg_t_min=0.0, cg_t_max=0.49)
-    d2 = draw_generator(x_gen.detach(), cfg(steps=2, pred="v"), tc2, torch.Generator().manual_seed(0))
+    d2 = draw_generator(x_gen.detach(), cfg(nfe=2, pred="v"), tc2, torch.Generator().manual_seed(0))
     assert d2.noise_cg is None and torch.equal(d2.t_cg, d2.t)
     t_tgt = torch.tensor([0.0, 0.5, 0.0, 0.5, 0.0, 0.5])
     per = torch.nn.functional.cross_entropy(clf(x_gen.detach(), t_tgt), y, reduction="none") * 0.5
@@ -196,7 +196,7 @@ def test_generator_and_discriminator_follow_the_label():
 
 def test_time_conditioned_networks_run_in_float64():
     """bench/peer_af.py compares in float64: the float32 time features must meet a float64 embedding."""
-    c = cfg(steps=2, pred="v")
+    c = cfg(nfe=2, pred="v")
     G, D = Generator(c).double(), Discriminator(c).double()
     x, y, t = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1]), torch.tensor([1.0, 0.5])
     assert G(x, y, t, t - 0.5).dtype == D(x, y, t).dtype == torch.float64
@@ -220,10 +220,10 @@ def test_depth_repetition_reuses_the_same_blocks():
 
 
 def test_config_round_trip_and_errors():
-    c = cfg(steps=2, pred="v", disc_width=24)
+    c = cfg(nfe=2, pred="v", disc_width=24)
     assert AFConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError):
-        cfg(repeat=2, steps=2)
+        cfg(repeat=2, nfe=2)
     with pytest.raises(ValueError):
         cfg(pred="eps")
     tc = AFTrainConfig(lr_g=3e-4)
@@ -244,7 +244,7 @@ def test_one_nfe_sampling_is_deterministic_and_a_pure_function_of_z():
 
 
 def test_multi_step_sampling_is_the_one_step_transport_repeated():
-    G = perturbed(Generator(cfg(steps=2, pred="v")))
+    G = perturbed(Generator(cfg(nfe=2, pred="v")))
     y, z = torch.tensor([0, 1]), torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         manual = G.transport(G.transport(z, y, 1.0, 0.5), y, 0.5, 0.0)
@@ -252,13 +252,13 @@ def test_multi_step_sampling_is_the_one_step_transport_repeated():
         # v-prediction: a transport over no time is the identity
         torch.testing.assert_close(G.transport(z, y, 0.5, 0.5), z, rtol=0, atol=0)
     with pytest.raises(ValueError):
-        sample_af(G, y, z=z, steps=3)  # a fixed 2-step model knows only its own grid
+        sample_af(G, y, z=z, nfe=3)  # a fixed 2-step model knows only its own grid
     A = perturbed(Generator(cfg(any_step=True, pred="v")))
     with torch.no_grad():
         x = z
         for s, t in zip(time_grid(4)[:-1].tolist(), time_grid(4)[1:].tolist()):
             x = A.transport(x, y, s, t)
-        torch.testing.assert_close(sample_af(A, y, z=z, steps=4), x, rtol=0, atol=0)
+        torch.testing.assert_close(sample_af(A, y, z=z, nfe=4), x, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------ training + resume
@@ -299,7 +299,7 @@ def test_training_step_moves_both_networks_and_the_ema():
         torch.testing.assert_close(pe, p0 + 0.5 * (pg - p0))
 
 
-@pytest.mark.parametrize("variant, update", [(dict(), "joint"), (dict(steps=2, pred="v"), "joint"),
+@pytest.mark.parametrize("variant, update", [(dict(), "joint"), (dict(nfe=2, pred="v"), "joint"),
                                              (dict(), "alternate")])
 def test_resume_is_bit_identical_and_state_loads_with_weights_only(tmp_path, variant, update):
     c = cfg(**variant)
@@ -423,4 +423,4 @@ def test_af256_profile_is_the_released_1nfe_recipe():
     for c, (width, depth, heads) in ((b2, (768, 12, 12)), (xl2, (1152, 28, 16))):
         assert (c.width, c.depth, c.width // c.head_dim, c.patch_size, c.mlp_ratio) == (width, depth, heads, 2, 4)
         assert (c.channels, c.image_size, c.num_classes) == (4, 32, 1000)  # SD-VAE latents of 256 px ImageNet
-        assert (c.steps, c.pred, c.repeat, c.disc_width, c.disc_depth) == (1, "x", 1, None, None)  # D = G's size
+        assert (c.nfe, c.pred, c.repeat, c.disc_width, c.disc_depth) == (1, "x", 1, None, None)  # D = G's size

@@ -1,4 +1,4 @@
-"""STARFlow architecture options pass TARFlow's properties: invertibility, exact log-det, causality, KV cache,
+"""TARFlow and every STARFlow architecture option pass the flow's properties: invertibility, exact log-det, causality, KV cache,
 the classifier's class mixing, alignment features in spatial order; and each option does what it says. The same
 for the gated feed-forwards and the options that make the model ml-starflow's exactly."""
 
@@ -16,6 +16,10 @@ from flowback.models.tarflow import FlowConfig, TARFlow, latent_norm_penalty
 from flowback.models.tarflow import INV_SOFTPLUS_1, STARFLOW_DEFAULTS
 
 OPTIONS = {
+    "tarflow": {},  # the plain model: every property below holds for it first
+    "deep_shallow": {"layers": (1, 1, 4), "cond_blocks": "deep"},
+    "sincos": {"pos_embed": "sincos"},
+    "patch1": {"patch_size": 1, "image_size": 4},
     "rope": {"pos_embed": "rope"},
     "start_token": {"start_token": True},
     "final_norm": {"final_norm": True},
@@ -160,7 +164,8 @@ def test_options_default_off_and_checkpoints_unchanged():
     assert not any("sos" in n or "final_norm" in n for n in names)
 
 
-@pytest.mark.parametrize("name", [n for n in OPTIONS if n not in ("all", "all_deep", "ml_starflow", *NEW)])
+@pytest.mark.parametrize("name", [n for n in OPTIONS if n not in ("tarflow", "patch1", "all", "all_deep", "ml_starflow",
+                                                                  *NEW)])
 def test_each_option_changes_the_map(name):
     x = images(make_model())
     base = make_model()(x, Y).z

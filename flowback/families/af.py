@@ -37,7 +37,7 @@ def af_config(params: "Params") -> "AFConfig":
     g = a.generator
     return AFConfig(channels=channels, image_size=size, patch_size=g.patch_size, width=g.width, depth=g.depth,
                     head_dim=g.head_dim, mlp_ratio=g.mlp_ratio, num_classes=d.num_classes,
-                    disc_width=a.discriminator.width, disc_depth=a.discriminator.depth, steps=a.nfe,
+                    disc_width=a.discriminator.width, disc_depth=a.discriminator.depth, nfe=a.nfe,
                     any_step=a.any_step, pred=a.pred, repeat=a.repeat)
 
 

@@ -50,7 +50,7 @@ class AFConfig:
     num_classes: int = 0
     disc_width: int | None = None  # None: the generator's (the paper's G and D have one size)
     disc_depth: int | None = None
-    steps: int = 1  # NFE the generator is trained for; 1 = no time input
+    nfe: int = 1  # network evaluations per sample the generator is trained for; 1 = no time input
     any_step: bool = False  # s ~ U(0, 1), t ~ U(0, s) in training; the target time is an input too
     pred: str = "x"  # x: the network outputs x_t; v: x_t = x_s - (s - t) * output
     repeat: int = 1  # depth repetition: the blocks run `repeat` times in one NFE
@@ -58,19 +58,19 @@ class AFConfig:
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        for name in ("width", "depth", "steps", "repeat", "channels"):
+        for name in ("width", "depth", "nfe", "repeat", "channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pred not in ("x", "v"):
             raise ValueError(f"pred must be 'x' or 'v', got {self.pred!r}")
         if self.repeat > 1 and self.time_input:
-            raise ValueError("depth repetition (repeat > 1) is a 1-NFE option: use steps=1 and any_step=false")
+            raise ValueError("depth repetition (repeat > 1) is a 1-NFE option: use nfe=1 and any_step=false")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
 
     @property
     def time_input(self) -> bool:
-        return self.steps > 1 or self.any_step
+        return self.nfe > 1 or self.any_step
 
     @property
     def grid(self) -> int:
@@ -339,9 +339,9 @@ class FlowClassifier(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------- sampling
-def time_grid(steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def time_grid(nfe: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """1 = s_0 > s_1 > ... > s_N = 0, evenly spaced: the grid a fixed N-step model is trained on."""
-    return torch.linspace(1.0, 0.0, steps + 1, device=device)
+    return torch.linspace(1.0, 0.0, nfe + 1, device=device)
 
 
 @torch.no_grad()
@@ -350,17 +350,17 @@ def sample_af(
     y: torch.Tensor | None,
     rng: torch.Generator | None = None,
     z: torch.Tensor | None = None,
-    steps: int | None = None,
+    nfe: int | None = None,
     batch: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Samples in model space (B, C, H, W): z ~ N(0, I) (drawn from `rng`, or given), then `steps` transports
+    """Samples in model space (B, C, H, W): z ~ N(0, I) (drawn from `rng`, or given), then `nfe` transports
     along the time grid (default: the generator's own NFE). Deterministic given z: no noise is injected.
     Classifier guidance is not a sampling-time option: the paper trains it into the generator."""
     cfg = generator.cfg
-    steps = cfg.steps if steps is None else int(steps)
-    if steps < 1 or (steps != cfg.steps and not cfg.any_step):
-        raise ValueError(f"this generator was trained for {cfg.steps} step(s); sampling with {steps} needs an "
+    nfe = cfg.nfe if nfe is None else int(nfe)
+    if nfe < 1 or (nfe != cfg.nfe and not cfg.any_step):
+        raise ValueError(f"this generator was trained for {cfg.nfe} step(s); sampling with {nfe} needs an "
                          f"any-step model (any_step: true)")
     device = next(generator.parameters()).device
     if z is None:
@@ -369,7 +369,7 @@ def sample_af(
             raise ValueError("sample_af needs labels y, a noise tensor z or a batch size")
         z = torch.randn((n, *cfg.image_shape), generator=rng, device=device)
     x = z.to(device)
-    ts = time_grid(steps)
+    ts = time_grid(nfe)
     ctx = torch.autocast(device.type, dtype=dtype) if dtype not in (None, torch.float32) else nullcontext()
     with ctx:
         for s, t in zip(ts[:-1].tolist(), ts[1:].tolist()):

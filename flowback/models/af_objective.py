@@ -111,10 +111,10 @@ def sample_times(batch: int, cfg: AFConfig, rng: torch.Generator) -> tuple[torch
     if cfg.any_step:
         s = torch.rand(batch, generator=rng)
         return s, torch.rand(batch, generator=rng) * s
-    if cfg.steps == 1:
+    if cfg.nfe == 1:
         return torch.ones(batch), torch.zeros(batch)
-    k = torch.randint(1, cfg.steps + 1, (batch,), generator=rng).float()
-    return k / cfg.steps, (k - 1) / cfg.steps
+    k = torch.randint(1, cfg.nfe + 1, (batch,), generator=rng).float()
+    return k / cfg.nfe, (k - 1) / cfg.nfe
 
 
 def gap_weight(s: torch.Tensor, t: torch.Tensor, min_gap: float) -> torch.Tensor:

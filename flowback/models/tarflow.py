@@ -331,7 +331,7 @@ class FlowBlock(nn.Module):
         a, b = o.chunk(2, dim=-1)
         return a, b
 
-    def params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def affine_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log sigma, mu) from hidden states (unshifted): log sigma = a, or log softplus(a + log(e - 1))."""
         a, b = self.affine(h)
         if self.scale == "softplus":
@@ -347,7 +347,7 @@ class FlowBlock(nn.Module):
         """(log sigma, mu) of every token of block-order u, each from the tokens before it, computed in parallel
         (teacher forcing), plus kept hiddens. Without a start token, token 0 gets (0, 0): it passes unchanged."""
         h, hidden = self.transformer(u, cond, keep, temp=temp)
-        a, b = self.params(h)
+        a, b = self.affine_params(h)
         if self.sos is None:
             a, b = self.shift(a), self.shift(b)
         return a, b, hidden
@@ -373,7 +373,7 @@ class FlowBlock(nn.Module):
             if j0 == 0:
                 s = torch.cat([self.sos.to(u.dtype).expand(u.shape[0], 1, -1), s], dim=1)
         h, _ = self.run(s, start, cond, caches, temp)
-        a, b = self.params(h)
+        a, b = self.affine_params(h)
         if self.sos is None and j0 == 0:  # token 0 passes unchanged
             z = torch.zeros_like(u[:, :1])
             a, b = torch.cat([z.to(a.dtype), a], dim=1), torch.cat([z.to(b.dtype), b], dim=1)
@@ -409,7 +409,7 @@ class FlowBlock(nn.Module):
             u_i = torch.cat([self.sos.to(u_i.dtype).expand(u_i.shape[0], 1, -1), u_i], dim=1)
             start = 0
         h, _ = self.run(u_i, start, cond, caches, temp)
-        return self.params(h if h.shape[1] == 1 else h[:, -1:])
+        return self.affine_params(h if h.shape[1] == 1 else h[:, -1:])
 
     def first(self, u: torch.Tensor, cond: torch.Tensor | None, caches: list[KVCache] | None = None,
               temp: torch.Tensor | None = None):
@@ -421,7 +421,7 @@ class FlowBlock(nn.Module):
         if self.sos is not None:
             u_prefix = torch.cat([u_prefix, u_prefix[:, :1]], dim=1)  # the appended token is never read
         h, _ = self.transformer(u_prefix, cond, temp=temp)
-        return self.params(h[:, -1:])
+        return self.affine_params(h[:, -1:])
 
     def new_caches(self, max_len: int, differentiable: bool = False) -> list[KVCache]:
         """Caches for max_len token positions (plus the class token's)."""
