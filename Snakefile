@@ -1,7 +1,8 @@
 # Snakemake view of the pipeline in dvc.yaml: both come from flowback.pipeline, which reads params.yaml and the stage
 # declarations in flowback/stages/ (same commands, inputs, outputs and params). One rule per stage instance, built in
 # one loop; its outputs are the files the stage writes, so any of them is a target:
-#   snakemake -j2 ablation_table                             the whole grid
+#   snakemake -j2                                            every stage (as `dvc repro`)
+#   snakemake -j2 ablation_table                             what the tables need
 #   snakemake -j2 results/runs/baseline-s0/metrics.json      one run's chain, as far as that file
 #   snakemake -j2 experiment_reverse_78                      one experiment, every seed
 #   snakemake -j2 ablation_table --config params=profiles/imagenet64.yaml     (targets before --config)
@@ -49,7 +50,11 @@ def report_or_file(inst, path):
 RESOURCES = config.get("stage_resources", {})  # per stage, from profiles/slurm/resources.yaml (SLURM runs)
 
 
-localrules: ablation_table
+localrules: all, ablation_table
+
+
+rule all:
+    input: [p for i in P.instances for p in outputs(i)]
 
 
 rule ablation_table:

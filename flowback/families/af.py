@@ -117,7 +117,7 @@ class AFFamily(Family):
         from ..plan.af import plan_af
 
         p, at = e.params, e.params.af.train
-        plan_af(e, world)  # a step that cannot fit the budget stops here, before any work
+        plan_af(e, world, af_config(p), af_train_config(p))  # a step that cannot fit the budget stops here, first
         batches, _ = run_batches(p, at.batch_size, at.checkpoint_every, rank, world, device)
         state_path = e.run_dir / ".resume" / "state.pt"
         t0 = time.perf_counter()
@@ -187,7 +187,7 @@ class AFFamily(Family):
     def plan(self, e: "Experiment", world: int, val_images: int) -> list:
         from ..plan.af import plan_af
 
-        t = plan_af(e, world)
+        t = plan_af(e, world, af_config(e.params), af_train_config(e.params))
         return [(t, t.steps * t.measure.flops * world / 1e12 / 3600)]
 
 

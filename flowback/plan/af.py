@@ -10,14 +10,13 @@ from .measure import GIB, Choice, Measure, PlanError, _budget, _fake, _memo, mea
 
 
 @_memo
-def af_step(exp: Experiment, batch: int) -> Measure:
-    """One step of an adversarial flow (a D update and a G update) on `batch` images, after a first step."""
-    from ..families.af import af_config, af_train_config
+def af_step(exp: Experiment, batch: int, cfg, train_cfg) -> Measure:
+    """One step of an adversarial flow (a D update and a G update) on `batch` images, after a first step; `cfg` and
+    `train_cfg` are the run's AFConfig and AFTrainConfig (its family builds them)."""
     from ..models.af_objective import AFState, af_train_step
 
     with _fake():
-        cfg = af_config(exp.params)
-        state = AFState(cfg, af_train_config(exp.params), seed=0, device=None)
+        state = AFState(cfg, train_cfg, seed=0, device=None)
         # deepcopy (AFState's EMA) gives a fake module its own fake mode: rebuild the EMA in this one
         state.ema = type(state.generator)(cfg).eval().requires_grad_(False)
         x = torch.randn(batch, *cfg.image_shape)
@@ -31,7 +30,7 @@ def af_step(exp: Experiment, batch: int) -> Measure:
         return measure(step, state.generator, state.discriminator, state.ema, state.opt_g, state.opt_d, x, y)
 
 
-def plan_af(exp: Experiment, world: int) -> Choice:
+def plan_af(exp: Experiment, world: int, cfg, train_cfg) -> Choice:
     """An adversarial flow trains on its whole per-rank share at once (no accumulation): checked, not chosen."""
     at = exp.params.af.train
     share = at.batch_size // world
@@ -40,7 +39,7 @@ def plan_af(exp: Experiment, world: int) -> Choice:
     budget = _budget(exp.params)
     if budget is None:
         return Choice(exp.run, "train", share, False, 1, Measure(0, 0), at.steps)
-    m = af_step(exp, share)
+    m = af_step(exp, share, cfg, train_cfg)
     if m.peak > budget:
         raise PlanError(f"run {exp.run!r}: the adversarial flow's step does not fit in runtime.gpu_memory_gib "
                         f"{exp.params.runtime.gpu_memory_gib} GiB at its per-GPU batch {share} ({m.peak / GIB:.1f} GiB "
