@@ -33,7 +33,7 @@ def inputs(p: Params) -> list[str]:
 
 
 def outputs(p: Params) -> Outputs:
-    return Outputs(metrics=[str(p.results_dir / "calibration.json")])
+    return Outputs(files=[str(p.results_dir / "calibration.json")])
 
 
 def run(p: Params, progress: bool = True) -> str:

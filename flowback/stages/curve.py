@@ -51,7 +51,7 @@ def inputs(e: Experiment) -> list[str]:
 
 def outputs(e: Experiment) -> Outputs:
     d = e.run_dir
-    return Outputs(metrics=[f"{d}/curve.json"], plots=[f"{d}/curve.csv"])
+    return Outputs(files=[f"{d}/curve.json"], plots=[f"{d}/curve.csv"])
 
 
 def run(e: Experiment, progress: bool = True) -> str:

@@ -31,7 +31,7 @@ def inputs(p: Params) -> list[str]:
 def outputs(p: Params) -> Outputs:
     d = p.decoder.dir
     return Outputs(outs=[f"{d}/diffusion_pytorch_model.safetensors", f"{d}/config.json"],
-                   metrics=[f"{d}/metrics.json"])
+                   files=[f"{d}/metrics.json"])
 
 
 def run(p: Params, progress: bool = True) -> str:

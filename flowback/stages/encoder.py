@@ -25,8 +25,8 @@ def outputs(p: Params) -> Outputs:
     d = p.encoder.dir
     weights = [f"{d}/model.safetensors", f"{d}/config.json"]
     if p.encoder.train is None:  # fetched weights the stage only checks: they must survive a rerun
-        return Outputs(persist=weights, metrics=[f"{d}/metrics.json"])
-    return Outputs(outs=weights, metrics=[f"{d}/metrics.json"])
+        return Outputs(persist=weights, files=[f"{d}/metrics.json"])
+    return Outputs(outs=weights, files=[f"{d}/metrics.json"])
 
 
 def run(p: Params, progress: bool = True) -> str:

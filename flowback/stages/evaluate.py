@@ -33,7 +33,7 @@ def inputs(e: Experiment) -> list[str]:
 
 
 def outputs(e: Experiment) -> Outputs:
-    return Outputs(metrics=[f"{e.run_dir}/metrics.json"])
+    return Outputs(files=[f"{e.run_dir}/metrics.json"])
 
 
 def run(e: Experiment, progress: bool = True) -> str:

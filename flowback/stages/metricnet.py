@@ -25,7 +25,7 @@ def inputs(p: Params) -> list[str]:
 
 def outputs(p: Params) -> Outputs:
     d = p.metrics.dir
-    return Outputs(outs=[f"{d}/model.safetensors", f"{d}/config.json"], metrics=[f"{d}/metrics.json"])
+    return Outputs(outs=[f"{d}/model.safetensors", f"{d}/config.json"], files=[f"{d}/metrics.json"])
 
 
 def run(p: Params, progress: bool = True) -> str:

@@ -36,7 +36,7 @@ def inputs(e: Experiment) -> list[str]:
 
 
 def outputs(e: Experiment) -> Outputs:
-    return Outputs(metrics=[f"{e.run_dir}/probe.json"], files=[f"{e.run_dir}/probe_layers.json"])
+    return Outputs(files=[f"{e.run_dir}/probe.json", f"{e.run_dir}/probe_layers.json"])
 
 
 def run(e: Experiment, progress: bool = True) -> str:

@@ -28,7 +28,7 @@ def inputs(p: Params) -> list[str]:
 def outputs(p: Params) -> Outputs:
     from ..metrics.reference_files import reference_path, report_path
 
-    return Outputs(outs=[str(reference_path(p).parent)], metrics=[str(report_path(p))])
+    return Outputs(outs=[str(reference_path(p).parent)], files=[str(report_path(p))])
 
 
 def run(p: Params, progress: bool = True) -> str:

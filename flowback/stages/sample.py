@@ -32,7 +32,7 @@ def inputs(e: Experiment) -> list[str]:
 
 def outputs(e: Experiment) -> Outputs:
     d = e.run_dir
-    return Outputs(outs=[f"{d}/samples.npz"], metrics=[f"{d}/sample.json"], files=[f"{d}/samples.png"],
+    return Outputs(outs=[f"{d}/samples.npz"], files=[f"{d}/sample.json", f"{d}/samples.png"],
                    records=[f"{d}/sample_timing.json"])
 
 

@@ -41,7 +41,7 @@ def inputs(e: Experiment) -> list[str]:
 
 def outputs(e: Experiment) -> Outputs:
     d = e.run_dir
-    return Outputs(metrics=[f"{d}/sweep.json"], plots=[f"{d}/sweep.csv"], records=[f"{d}/sweep_timing.json"])
+    return Outputs(files=[f"{d}/sweep.json"], plots=[f"{d}/sweep.csv"], records=[f"{d}/sweep_timing.json"])
 
 
 def run(e: Experiment, progress: bool = True) -> str:

@@ -4,7 +4,8 @@ Writes results/tables/:
 - ablation.md / ablation.csv: one row per experiment (mean ± std over its seeds; the guidance scale its sweep chose
   and the unguided FID beside it), each compared with the baseline (difference, 95 % interval, Welch's p), the real-
   image calibration rows on top, the generated comparison sentences and the notes on how to read each column;
-- summary/<experiment>.json: one flat record per experiment, the DVC metric a user diffs first;
+- summary/<experiment>.json: one flat record per experiment (and the calibration rows): the DVC metrics a user diffs
+  (per-run records - metrics.json, sweep.json, probe.json, ... - stay in git as plain outputs);
 - paper.md / paper.csv: ours beside the paper's numbers (no arithmetic across data sets: ranks within each table);
 - samples.png (one panel per experiment), training_curves.png, cfg_sweep.png (Figure 5 left: FID by guidance scale)
   and fid_curve.png (Figure 5 right: FID over training), each where the grid has the data.
@@ -64,7 +65,9 @@ def outputs(p: Params) -> Outputs:
     figures = ["training_curves.png", "samples.png"] + (["cfg_sweep.png"] if p.sweep.scales else []) + (
         ["fid_curve.png"] if p.curve.enabled else [])
     files = [f"{d}/{f}" for f in ("ablation.md", "ablation.csv", "paper.md", "paper.csv", *figures)]
-    return Outputs(files=files, metrics=[f"{d}/summary/{name}.json" for name in p.experiments],
+    summaries = [*p.experiments, *(["calibration_real", "calibration_split_half"] if p.metrics.calibration.enabled
+                                   else [])]
+    return Outputs(files=files, metrics=[f"{d}/summary/{name}.json" for name in summaries],
                    report={f: CAPTIONS[f.rpartition("/")[2]] for f in files if f.rpartition("/")[2] in CAPTIONS})
 
 
@@ -180,7 +183,12 @@ def run(p: Params, progress: bool = True) -> str:
     write_bytes(out / "ablation.csv", buf.getvalue().encode())
     table = to_markdown(df, "Ablation: alignment strategy and position", text, comparisons(rows), calibration)
     write_bytes(out / "ablation.md", table.encode())
-    for name, s in summaries(df).items():
+    records = summaries(df)
+    if calibration:  # the same flat keys, so `dvc metrics show` stays one narrow table
+        records["calibration_real"] = {"fid": r["fid"], "sfid": r["sfid"], "is": r["is"], "recall": r["recall"],
+                                       "cond_acc": r["cond_acc"]}
+        records["calibration_split_half"] = {"fid": h["mean"], "fid_std": h["std"]}
+    for name, s in records.items():
         save_json(out / "summary" / f"{name}.json", s)
     paper = paper_frame(rows)
     buf = io.StringIO()

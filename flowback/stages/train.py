@@ -35,7 +35,7 @@ def inputs(e: Experiment) -> list[str]:
 
 def outputs(e: Experiment) -> Outputs:
     d = e.run_dir
-    return Outputs(outs=[f"{d}/model.pt", *family(e.family).train_outs(e)], metrics=[f"{d}/train.json"],
+    return Outputs(outs=[f"{d}/model.pt", *family(e.family).train_outs(e)], files=[f"{d}/train.json"],
                    plots=[f"{d}/train_log.csv"], records=[f"{d}/train_timing.json"])
 
 
