@@ -6,7 +6,7 @@
   flowback pipeline [--params F] [--check]         write dvc.yaml from params.yaml and the code (or check it)
   flowback weights fetch [--params params.yaml]    download the networks the profile needs (skips verified ones)
   flowback weights verify [--params params.yaml]   re-hash them, load them through the stages' loaders, run each once
-  flowback weights import --from ml-tarflow|ml-starflow CKPT --params F --experiment RUN [--force]
+  flowback weights import --from ml-tarflow|ml-starflow CKPT --params F --run RUN [--force]
                                                    a reference checkpoint as that run's model.pt (sample/evaluate/probe)
   flowback data verify [--params params.yaml]      re-read every shard of the prepared data against its manifest
 """
@@ -85,7 +85,7 @@ def weights(args: argparse.Namespace) -> int:
     if args.action == "import":
         from .weight_import import import_weights  # imports torch
 
-        dest = import_weights(args.kind, args.checkpoint, args.params, args.experiment, overwrite=args.force)
+        dest = import_weights(args.kind, args.checkpoint, args.params, args.run, overwrite=args.force)
         print(f"{dest}: written from {args.kind} checkpoint {args.checkpoint}")
         return 0
     from . import weights as w  # imports torch: only the weights commands pay for it
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p_import.add_argument("--from", dest="kind", required=True, choices=["ml-tarflow", "ml-starflow"])
     p_import.add_argument("checkpoint", metavar="CKPT", help="the reference's state_dict file (.pth)")
     p_import.add_argument("--params", default="params.yaml")
-    p_import.add_argument("--experiment", required=True, metavar="RUN",
+    p_import.add_argument("--run", required=True, metavar="RUN",
                           help="the run to write: <experiment>-s<seed>, or an experiment with one seed")
     p_import.add_argument("--force", action="store_true", help="replace the run's existing model.pt")
     p_data = sub.add_parser("data", help="verify the prepared data shards")

@@ -123,7 +123,7 @@ def test_ml_tarflow_checkpoint_imports_into_a_run(tmp_path, capsys):
     model = randomized(flow_config(exp.params))
     torch.save(ml_tarflow_state(model), tmp_path / "tarflow.pth")
     assert main(["weights", "import", "--from", "ml-tarflow", str(tmp_path / "tarflow.pth"), "--params", str(params),
-                 "--experiment", "baseline"]) == 0
+                 "--run", "baseline"]) == 0
     assert "model.pt: written" in capsys.readouterr().out
     loaded, meta = load_flow(exp.checkpoint, expected=flow_config(exp.params))  # what sample/evaluate/probe do
     assert meta["imported_from"] == "ml-tarflow" and meta["experiment"] == "baseline"
@@ -160,7 +160,7 @@ def test_a_checkpoint_of_another_shape_is_one_line_naming_the_key(tmp_path, caps
     wider = FlowConfig(**{**cfg.to_dict(), "width": 32})
     torch.save(ml_tarflow_state(randomized(wider)), tmp_path / "wide.pth")
     assert main(["weights", "import", "--from", "ml-tarflow", str(tmp_path / "wide.pth"), "--params", str(params),
-                 "--experiment", "baseline-s0"]) == 2
+                 "--run", "baseline-s0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "wide.pth: ml-tarflow checkpoint: blocks.0.pos_embed is (16, 32)" in err
     assert "needs (16, 16)" in err and not exp.checkpoint.exists()
