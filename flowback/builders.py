@@ -3,14 +3,15 @@ flowback/families/af.py; the samplers' settings are Guidance.of and Solver.of)."
 
 from __future__ import annotations
 
-from .models.tarflow import FlowConfig
-from .models.vae import VAE_CHANNELS, VAE_DOWNSAMPLE
-from .params import Params
+from typing import TYPE_CHECKING
+
+from .models.config import VAE_CHANNELS, VAE_DOWNSAMPLE, FlowConfig
+
+if TYPE_CHECKING:
+    from .params import Params
 
 
-
-
-def flow_config(params: Params) -> FlowConfig:
+def flow_config(params: "Params") -> FlowConfig:
     m, d = params.model, params.data
     channels, size = d.channels, d.image_size
     if m.latent is not None:

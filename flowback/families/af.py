@@ -31,7 +31,7 @@ def af_config(params: "Params") -> "AFConfig":
     a, d = params.af, params.data
     channels, size = d.channels, d.image_size
     if params.model.latent is not None:
-        from ..models.vae import VAE_CHANNELS, VAE_DOWNSAMPLE
+        from ..models.config import VAE_CHANNELS, VAE_DOWNSAMPLE
 
         channels, size = VAE_CHANNELS, d.image_size // VAE_DOWNSAMPLE
     g = a.generator

@@ -39,103 +39,18 @@ with its exact log-det, `affine_inverse` the inverse. The samplers and the align
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .transformer import MLPS, KVCache, Layer, rope_2d
+from .config import ROPE_STILL_PAIRS, STARFLOW_DEFAULTS, FlowConfig  # noqa: F401  (their home)
+from .transformer import KVCache, Layer, rope_2d
 
 LOG_2PI = math.log(2 * math.pi)
 INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(INV_SOFTPLUS_1) = 1: a softplus block starts as the identity
-
-# STARFlow options and their off values; a config leaves them out of to_dict() when off, so TARFlow checkpoints
-# stay byte-identical to those written before the options existed
-STARFLOW_DEFAULTS = {"start_token": False, "final_norm": False, "scale": "exp", "soft_clip": 0.0, "cond_token": False,
-                     "mlp": "gelu", "seq_order": "R2L", "rope_layout": "2d", "rope_order": "spatial",
-                     "null_class": "mean"}
-ROPE_STILL_PAIRS = 8  # ml-starflow's rotary pairs for its third (text/class) axis, rope_layout "3d"
-
-
-@dataclass(frozen=True)
-class FlowConfig:
-    channels: int
-    image_size: int
-    patch_size: int
-    width: int
-    layers: tuple[int, ...]  # per block, forward order; a single deep last block = STARFlow's deep-shallow layout
-    head_dim: int = 64
-    mlp_ratio: int = 4
-    num_classes: int = 0
-    pos_embed: str = "learned"  # learned | sincos | rope
-    cond_blocks: str = "all"  # all | deep
-    start_token: bool = False
-    final_norm: bool = False
-    scale: str = "exp"  # exp | softplus
-    soft_clip: float = 0.0  # 0 = off
-    cond_token: bool = False
-    mlp: str = "gelu"  # gelu | swiglu | geglu
-    seq_order: str = "R2L"  # R2L: blocks 2, 4, ... flip (TARFlow) | L2R: blocks 1, 3, ... flip
-    rope_layout: str = "2d"  # 2d | 3d (ml-starflow's with a class/text token)
-    rope_order: str = "spatial"  # spatial | sequence (ml-starflow)
-    null_class: str = "mean"  # mean | learned
-
-    def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
-        object.__setattr__(self, "soft_clip", float(self.soft_clip))
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.pos_embed not in ("learned", "sincos", "rope"):
-            raise ValueError(f"pos_embed must be 'learned', 'sincos' or 'rope', got {self.pos_embed!r}")
-        if self.pos_embed == "rope" and self.head_dim % 4:
-            raise ValueError(f"pos_embed 'rope' needs head_dim divisible by 4, got {self.head_dim}")
-        if self.cond_blocks not in ("all", "deep"):
-            raise ValueError(f"cond_blocks must be 'all' or 'deep', got {self.cond_blocks!r}")
-        if self.scale not in ("exp", "softplus"):
-            raise ValueError(f"scale must be 'exp' or 'softplus', got {self.scale!r}")
-        if self.soft_clip < 0:
-            raise ValueError(f"soft_clip must be >= 0 (0 = off), got {self.soft_clip}")
-        choices = {"mlp": MLPS, "seq_order": ("R2L", "L2R"), "rope_layout": ("2d", "3d"),
-                   "rope_order": ("spatial", "sequence"), "null_class": ("mean", "learned")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.pos_embed != "rope" and (self.rope_layout, self.rope_order) != ("2d", "spatial"):
-            raise ValueError("rope_layout and rope_order need pos_embed 'rope'")
-        if self.rope_layout == "3d" and not (self.head_dim % 4 == 0 and self.head_dim > 2 * ROPE_STILL_PAIRS):
-            raise ValueError(f"rope_layout '3d' needs head_dim divisible by 4 and above {2 * ROPE_STILL_PAIRS}, got "
-                             f"{self.head_dim}")
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid**2
-
-    @property
-    def token_dim(self) -> int:
-        return self.channels * self.patch_size**2
-
-    @property
-    def dims(self) -> int:
-        return self.channels * self.image_size**2
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        for k, off in STARFLOW_DEFAULTS.items():
-            if d[k] == off:
-                del d[k]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FlowConfig":
-        return cls(**d)
-
 
 def sincos_2d(grid: int, width: int) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embedding (grid*grid, width), row-major, as in MAE."""

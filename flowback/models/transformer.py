@@ -118,7 +118,7 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, T, C))
 
 
-MLPS = ("gelu", "swiglu", "geglu")
+from .choices import MLPS  # noqa: E402
 
 
 class MLP(nn.Module):

@@ -20,9 +20,7 @@ from torch import nn
 
 from ..frozen import Frozen
 from ..io import FlowBackFileError, sha256_file
-
-VAE_DOWNSAMPLE = 8  # stable-diffusion VAEs: 256 px -> 32 x 32 x 4 latents
-VAE_CHANNELS = 4
+from .config import VAE_CHANNELS, VAE_DOWNSAMPLE
 
 HUB_VAE = "stabilityai/sd-vae-ft-ema"  # the paper's VAE; `flowback weights fetch` saves it locally
 CONFIG_FILE = "config.json"

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from ..alignment.choices import ENCODER_OBJECTIVES, POSITION_REDUCE, REVERSE_GRADS, STRATEGIES, TARGET_GRIDS
 from ..errors import ParamsError
 from ..families import FAMILIES
-from ..models.choices import JACOBI_INITS, SOLVERS
+from ..models.choices import (COND_BLOCKS, JACOBI_INITS, MLPS, NULL_CLASSES, POS_EMBEDS, ROPE_LAYOUTS, ROPE_ORDERS,
+                              SCALES, SEQ_ORDERS, SOLVERS)
 
 if TYPE_CHECKING:
     from .grid import Experiment
@@ -218,31 +219,31 @@ class ModelParams(Strict):
     layers: int | list[int] = Field(6, description="layers per block: one int, or one per block in forward order")
     head_dim: int = Field(16, ge=4)
     mlp_ratio: int = Field(4, ge=1)
-    pos_embed: Literal["learned", "sincos", "rope"] = Field(
+    pos_embed: Literal[POS_EMBEDS] = Field(
         "learned", description="learned or sincos embeddings added to the tokens, or rope: STARFlow's 2-D rotary "
                                "positions in attention")
-    cond_blocks: Literal["all", "deep"] = Field("all", description="deep: only block N (nearest z) is conditioned")
+    cond_blocks: Literal[COND_BLOCKS] = Field("all", description="deep: only block N (nearest z) is conditioned")
     # STARFlow's architecture options (apple/ml-starflow); all off = TARFlow, bit-compatible with ml-tarflow
     start_token: bool = Field(False, description="a learned start token, so token 0 is transformed too")
     final_norm: bool = Field(False, description="RMSNorm before each block's output projection")
-    scale: Literal["exp", "softplus"] = Field("exp", description="exp: x' = (x - b) exp(-a) (TARFlow); softplus: "
+    scale: Literal[SCALES] = Field("exp", description="exp: x' = (x - b) exp(-a) (TARFlow); softplus: "
                                                                   "sigma = softplus(a + log(e - 1)) (STARFlow)")
     soft_clip: float = Field(0.0, ge=0.0, description="raw outputs become c * tanh(o / c) (STARFlow: 4); 0 = off")
     cond_token: bool = Field(False, description="condition by one prepended class token instead of adding the "
                                                 "class embedding to every token")
-    mlp: Literal["gelu", "swiglu", "geglu"] = Field(
+    mlp: Literal[MLPS] = Field(
         "gelu", description="feed-forward: gelu (TARFlow), swiglu (SiLU-gated) or geglu (tanh-GELU-gated, what "
                             "ml-starflow's use_swiglu computes); hidden size width x mlp_ratio for all three")
-    seq_order: Literal["R2L", "L2R"] = Field(
+    seq_order: Literal[SEQ_ORDERS] = Field(
         "R2L", description="which blocks reverse the token order: R2L = blocks 2, 4, ... (TARFlow, ml-starflow's "
                            "default); L2R = blocks 1, 3, ... (ml-starflow's published config)")
-    rope_layout: Literal["2d", "3d"] = Field(
+    rope_layout: Literal[ROPE_LAYOUTS] = Field(
         "2d", description="pos_embed rope: 2d = rows and columns share every rotary pair; 3d = ml-starflow's layout "
                           "with a class/text token: 8 pairs per head kept for that third axis (still for image tokens)")
-    rope_order: Literal["spatial", "sequence"] = Field(
+    rope_order: Literal[ROPE_ORDERS] = Field(
         "spatial", description="pos_embed rope in flipped blocks: a token turns by its own spatial position's angles "
                                "(spatial) or by those of its processing position (sequence, ml-starflow)")
-    null_class: Literal["mean", "learned"] = Field(
+    null_class: Literal[NULL_CLASSES] = Field(
         "mean", description="the dropped-label / unconditional class embedding: the mean of the class embeddings "
                             "(ml-tarflow) or a learned null class, id K (ml-starflow)")
     noise_std: float = Field(0.05, ge=0.0)
@@ -259,10 +260,9 @@ class ModelParams(Strict):
 
     @model_validator(mode="after")
     def _shapes(self) -> "ModelParams":
+        """The YAML's own form; what the architecture allows is FlowConfig's to say (Params._model_builds)."""
         if isinstance(self.layers, list) and len(self.layers) != self.blocks:
             raise ValueError(f"layers lists {len(self.layers)} blocks but blocks = {self.blocks}")
-        if self.width % self.head_dim:
-            raise ValueError(f"width {self.width} is not a multiple of head_dim {self.head_dim}")
         return self
 
     def layers_per_block(self) -> list[int]:
@@ -656,9 +656,12 @@ class Params(Strict):
         if self.decoder.enabled and (self.data.format != "latent" or not self.data.keep_pixels):
             raise ValueError("decoder.enabled fine-tunes a VAE decoder on latent shards with their pixels: it needs "
                              "data.format latent and data.keep_pixels true")
-        size = self.data.image_size
-        if self.model.latent is None and size % self.model.patch_size:
-            raise ValueError(f"data.image_size {size} is not a multiple of model.patch_size {self.model.patch_size}")
+        from ..builders import flow_config  # pipeline: validation only
+
+        try:  # the architecture's rules live once, in FlowConfig: a bad combination is an error here, not at build
+            flow_config(self)
+        except ValueError as e:
+            raise ValueError(f"model: {e}") from None
         split = self.metrics.isc_split_size
         for key, n in (("sample", self.samples_per_run), ("sweep.count", self.sweep.count or self.samples_per_run),
                        ("curve.count", self.curve.count or self.samples_per_run)):
