@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, tiny_params
+from conftest import ROOT, command, tiny_params
 
 import flowback.io as fio
 from flowback.io import DiskFullError, load_torch, save_torch
@@ -187,3 +187,36 @@ def test_a_damaged_checkpoint_is_named_in_plain_words(tmp_path, damage, words):
         load_torch(path)
     msg = str(err.value)
     assert msg.startswith(str(path)) and words in msg and "weights_only=False" not in msg, msg
+
+
+
+# ------------------------------------------------------------------------------------------- one line, never a stack
+def one_line(err: str) -> str:
+    """The single line a refused command printed on stderr (no traceback, nothing else)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("bad", ["bytes", "directory"])
+@pytest.mark.parametrize("args", [["check"], ["stage", "prepare"]])
+def test_a_params_file_of_bytes_or_a_directory_is_one_line(tmp_path, capsys, bad, args):
+    from flowback.cli import main
+
+    path = tmp_path / "params.yaml"
+    if bad == "bytes":
+        path.write_bytes(b"seed: 0\nresults: \xff\xfe\n")
+    else:
+        path.mkdir()
+    code = main([*args, "--params", str(path)])
+    line = one_line(capsys.readouterr().err)
+    assert code == 2 and f"error: {path}: " in line
+    assert ("not a UTF-8 text file (byte 17 is b'\\xff')" if bad == "bytes" else "is a directory") in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+@pytest.mark.slow
+def test_a_params_directory_is_one_line_from_the_command_line(tmp_path):
+    r = command("-m", "flowback", "check", "--params", str(tmp_path))
+    assert r.returncode == 2 and one_line(r.stderr) == (f"flowback: error: {tmp_path}: is a directory, not a params "
+                                                        f"file (e.g. params.yaml or profiles/imagenet64.yaml)")
