@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import FlowBackError, ParamsError
+from .errors import FlowBackError, Interrupted, ParamsError
 from .params import Experiment, Params, load_params, restrict
 
 
@@ -113,6 +113,13 @@ def main(name: str, run: str | None, params_file: str = "params.yaml", progress:
         if summary:
             print(summary)
         return 0
+    except Interrupted as e:  # a stage that knows where it stopped (train)
+        print(f"flowback stage {name}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # outputs are replaced whole, so nothing is half-written: say what a rerun reuses
+        then = f"rerun resumes from {st.resumes}" if st.resumes else "rerun starts it over"
+        print(f"flowback stage {name}: interrupted; {then}", file=sys.stderr)
+        return 130
     except FlowBackError as e:
         print(f"flowback stage {name}: error: {e}", file=sys.stderr)
         return 2

@@ -220,3 +220,131 @@ def test_a_params_directory_is_one_line_from_the_command_line(tmp_path):
     r = command("-m", "flowback", "check", "--params", str(tmp_path))
     assert r.returncode == 2 and one_line(r.stderr) == (f"flowback: error: {tmp_path}: is a directory, not a params "
                                                         f"file (e.g. params.yaml or profiles/imagenet64.yaml)")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Prepared digits and baseline-s0 trained for 3 steps, shared read-only; `variant` writes params that read this
+    data and model but write under their own directory."""
+    from conftest import stage, tiny_raw, write_params
+
+    tmp = tmp_path_factory.mktemp("trained")
+    raw = tiny_raw(tmp, experiments={"baseline": {"strategy": "none", "seeds": [0, 1]},
+                                     "reverse_78": {"strategy": "reverse", "position": "7&8"}})
+    params = write_params(tmp, raw)
+    stage("prepare", params)
+    stage("train", params, "baseline-s0")
+    return tmp, raw
+
+
+def variant(trained, tmp: Path, copy_model: str | None = None, **sections) -> Path:
+    """Params reading `trained`'s data, writing results under `tmp` (with baseline-s0's model.pt copied in as
+    run `copy_model`'s, if given)."""
+    import copy
+    import shutil
+
+    from conftest import write_params
+
+    base, raw = trained
+    raw = copy.deepcopy(raw)
+    raw["results"] = str(tmp / "results")
+    for section, value in sections.items():
+        raw[section].update(value)
+    if copy_model:
+        dest = tmp / "results" / "runs" / copy_model / "model.pt"
+        dest.parent.mkdir(parents=True)
+        shutil.copy(base / "results" / "runs" / "baseline-s0" / "model.pt", dest)
+    return write_params(tmp, raw)
+
+
+def run_in_process(capsys, name: str, params: Path, run: str | None = None) -> tuple[int, str]:
+    """`python -m flowback stage NAME [RUN]` in this process: (exit status, stderr)."""
+    from flowback.cli import main
+
+    args = ["stage", name, *([run] if run else []), "--params", str(params), "--quiet"]
+    capsys.readouterr()
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_ctrl_c_in_training_is_one_line_with_the_step_and_where_a_rerun_resumes(trained, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import flowback.training as tr
+
+    params = variant(trained, tmp_path, train={"steps": 10, "checkpoint_every": 5})
+    real = tr.learning_rate
+
+    def ctrl_c_at_step_7(step, *args):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real(step, *args)
+
+    monkeypatch.setattr(tr, "learning_rate", ctrl_c_at_step_7)
+    code, err = run_in_process(capsys, "train", params, "baseline-s0")
+    state = tmp_path / "results" / "runs" / "baseline-s0" / ".resume" / "state.pt"
+    assert code == 130 and one_line(err) == (f"flowback stage train: interrupted at step 7; rerun resumes from step 5 "
+                                             f"(the last saved state, {state})")
+    assert load_torch(state)["step"] == 5
+    monkeypatch.setattr(tr, "learning_rate", real)
+    code, err = run_in_process(capsys, "train", params, "baseline-s0")
+    assert code == 0, err
+    assert fio.load_json(state.parent.parent / "train_timing.json")["resumed_from"] == 5  # as the line said
+
+
+def test_ctrl_c_before_the_first_saved_state_says_training_starts_over(trained, tmp_path, capsys, monkeypatch):
+    import flowback.training as tr
+
+    params = variant(trained, tmp_path, train={"steps": 10, "checkpoint_every": 5})
+    monkeypatch.setattr(tr, "learning_rate", lambda step, *a: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3
+                        else 1e-3)
+    code, err = run_in_process(capsys, "train", params, "baseline-s0")
+    assert code == 130 and one_line(err) == ("flowback stage train: interrupted at step 3; no state was saved yet "
+                                             "(train.checkpoint_every): rerun starts from step 0")
+
+
+@pytest.mark.parametrize("name, run, target, then", [
+    ("prepare", None, "flowback.data.writer.write_split", "rerun resumes from the finished shards"),
+    ("probe", "baseline-s0", "flowback.metrics.probe.linear_probe", "rerun starts it over"),
+])
+def test_ctrl_c_in_another_stage_is_one_line_saying_what_a_rerun_reuses(trained, tmp_path, capsys, monkeypatch,
+                                                                          name, run, target, then):
+    import importlib
+    import shutil
+
+    params = variant(trained, tmp_path)
+    if name == "prepare":  # its own data directory: prepare rewrites it
+        params = variant(trained, tmp_path, data={"root": str(tmp_path / "data")})
+    else:
+        (tmp_path / "results" / "runs" / "baseline-s0").mkdir(parents=True)
+        shutil.copy(trained[0] / "results" / "runs" / "baseline-s0" / "model.pt",
+                    tmp_path / "results" / "runs" / "baseline-s0" / "model.pt")
+    module, _, attr = target.rpartition(".")
+    monkeypatch.setattr(importlib.import_module(module), attr,
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, err = run_in_process(capsys, name, params, run)
+    assert code == 130 and one_line(err) == f"flowback stage {name}: interrupted; {then}"
+
+
+@pytest.mark.slow
+def test_sigint_of_a_training_process_prints_one_line_and_the_rerun_resumes_there(tmp_path):
+    import re
+
+    params = tiny(tmp_path, 400)
+    assert run_stage("flowback", "stage", "prepare", "--params", str(params), "--quiet").wait() == 0
+    state = tmp_path / "results" / "runs" / "baseline-s0" / ".resume" / "state.pt"
+    victim = run_stage("flowback", "stage", "train", "baseline-s0", "--params", str(params), "--quiet")
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    victim.send_signal(signal.SIGINT)
+    err = victim.stderr.read().decode()
+    assert victim.wait() == 130, err
+    m = re.fullmatch(rf"flowback stage train: interrupted at step (\d+); rerun resumes from step (\d+) \(the last "
+                     rf"saved state, {re.escape(str(state))}\)", one_line(err))
+    assert m, err
+    at, saved = int(m[1]), int(m[2])
+    assert 0 < saved <= at < 400 and saved % 5 == 0 and load_torch(state)["step"] == saved
+    rerun = run_stage("flowback", "stage", "train", "baseline-s0", "--params", str(params), "--quiet")
+    assert rerun.wait() == 0, rerun.stderr.read().decode()[-2000:]
+    assert fio.load_json(state.parent.parent / "train_timing.json")["resumed_from"] == saved

@@ -55,6 +55,7 @@ class Stage:
     launched: bool = False  # started with runtime.launcher (torchrun for DDP) instead of plain python
     enabled: Callable[[Any], bool] = _always  # (params) -> whether this profile's pipeline has the stage at all
     applies: Callable[[Any], bool] = _always  # (run's Experiment) -> whether that run has the stage
+    resumes: str = ""  # what a rerun after Ctrl-C or a crash picks up, for the runner's message (empty: it starts over)
     family_methods: tuple[str, ...] = ()  # the model-family methods it calls (its run's family; a global stage: the
     # grid's families): the code it depends on (flowback/pipeline.py)
 

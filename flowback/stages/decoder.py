@@ -87,4 +87,5 @@ def run(p: Params, progress: bool = True) -> str:
             f"{before['mse']:.4f} -> {after['mse']:.4f} -> {dp.dir}")
 
 
-STAGE = Stage(name="decoder", doc="STARFlow's VAE decoder fine-tuned on noisy latents (latent profiles that enable it)", reads=reads, outputs=outputs, run=run, enabled=enabled, inputs=inputs)
+STAGE = Stage(name="decoder", doc="STARFlow's VAE decoder fine-tuned on noisy latents (latent profiles that enable it)", reads=reads, outputs=outputs, run=run, enabled=enabled, inputs=inputs,
+              resumes="the last saved fine-tuning state (.resume/state.pt in decoder.dir)")
