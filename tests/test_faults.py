@@ -303,6 +303,8 @@ def test_ctrl_c_before_the_first_saved_state_says_training_starts_over(trained, 
 
 
 @pytest.mark.parametrize("name, run, target, then", [
+    ("sample", "baseline-s0", "flowback.sampler.generate",
+     "rerun resumes from the finished chunks (chunks/ in the run directory)"),
     ("prepare", None, "flowback.data.writer.write_split", "rerun resumes from the finished shards"),
     ("probe", "baseline-s0", "flowback.metrics.probe.linear_probe", "rerun starts it over"),
 ])
