@@ -86,6 +86,18 @@ def _gib(n: int | None) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _disk_full(e: BaseException | None) -> bool:
+    """Whether `e` or an exception it was raised from is ENOSPC/EDQUOT: torch.save reports a full disk as a
+    RuntimeError of its zip writer (inline_container.cc) raised while handling the file's OSError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed.
@@ -102,14 +114,15 @@ def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterat
             yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        except Exception as e:
+            if _disk_full(e):
                 written = tmp.stat().st_size if tmp.exists() else 0
                 need = max(size_hint or 0, written)
                 raise DiskFullError(
                     f"{path}: no space left on the device while writing it ({'about ' + _gib(need) if need else 'size unknown'}"
-                    f" needed, {_gib(_free_bytes(path.parent))} free); the previous file is intact - free space "
-                    f"and run again") from e
+                    f" needed, {_gib(_free_bytes(path.parent))} free); "
+                    f"{'the previous file is intact' if path.exists() else 'nothing was written'} - free space and "
+                    f"run again") from e
             raise
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)

@@ -1,6 +1,7 @@
 """Faults: a write error keeps the previous good file; a train stage killed with SIGKILL resumes to the same model."""
 
 import errno
+import io
 import os
 import signal
 import subprocess
@@ -350,3 +351,55 @@ def test_sigint_of_a_training_process_prints_one_line_and_the_rerun_resumes_ther
     rerun = run_stage("flowback", "stage", "train", "baseline-s0", "--params", str(params), "--quiet")
     assert rerun.wait() == 0, rerun.stderr.read().decode()[-2000:]
     assert fio.load_json(state.parent.parent / "train_timing.json")["resumed_from"] == saved
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk with `room` bytes left: the write that does not fit writes what fits, the next one fails with
+    ENOSPC, as a real full disk does (torch's zip writer then raises a RuntimeError of inline_container.cc)."""
+
+    room = 4096
+
+    def write(self, b):
+        if len(b) <= self.room:
+            self.room -= len(b)
+            return super().write(b)
+        if not self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n, self.room = super().write(bytes(b)[: self.room]), 0
+        return n
+
+
+def full_disk_open(monkeypatch, name: str):
+    """Make save_torch's writes of files named `name` (their temporaries) meet a full disk."""
+    real = open
+
+    def fake(path, mode="r", *args, **kwargs):
+        if mode == "wb" and Path(path).name.startswith(f".{name}."):
+            return io.BufferedWriter(_FullDisk(path, "wb"))
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(fio, "open", fake, raising=False)
+
+
+def test_a_full_disk_under_torch_save_is_one_error_naming_the_file_and_the_bytes(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    save_torch(path, {"step": 1, "w": torch.ones(3)})
+    full_disk_open(monkeypatch, "state.pt")
+    with pytest.raises(DiskFullError) as err:
+        save_torch(path, {"step": 2, "w": torch.zeros(2**18)})  # 1 MiB of tensors
+    assert str(err.value).startswith(f"{path}: no space left on the device while writing it (about 1.0 MiB "
+                                     f"needed, ") and "the previous file is intact" in str(err.value)
+    monkeypatch.undo()
+    assert load_torch(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_a_full_disk_during_training_is_one_line_naming_the_state_file(trained, tmp_path, capsys, monkeypatch):
+    params = variant(trained, tmp_path)
+    full_disk_open(monkeypatch, "state.pt")
+    code, err = run_in_process(capsys, "train", params, "baseline-s0")
+    state = tmp_path / "results" / "runs" / "baseline-s0" / ".resume" / "state.pt"
+    line = one_line(err)
+    assert code == 2 and line.startswith(f"flowback stage train: error: {state}: no space left on the device while "
+                                         f"writing it (about "), line
+    assert "MiB needed" in line and "nothing was written - free space and run again" in line
+    assert not list(state.parent.iterdir())  # no temporary left
