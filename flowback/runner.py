@@ -97,8 +97,8 @@ def main(name: str, run: str | None, params_file: str = "params.yaml", progress:
         run = params.resolve_run(run) if st.per_run else None
         cfg = params.run(run) if st.per_run else params
         if not st.enabled(params):
-            raise ParamsError(f"stage {name} is not part of this profile's pipeline ({st.doc}; it is off in "
-                              f"{params_file})")
+            raise ParamsError(f"{params_file}: {st.switch} is false, so stage {name} is not part of this pipeline; "
+                              f"nothing was run")
         if run and not st.applies(cfg):
             raise ParamsError(f"run {run!r} has no {name} stage")
         pipeline = Pipeline(params, params_file)

@@ -403,3 +403,13 @@ def test_a_full_disk_during_training_is_one_line_naming_the_state_file(trained, 
                                          f"writing it (about "), line
     assert "MiB needed" in line and "nothing was written - free space and run again" in line
     assert not list(state.parent.iterdir())  # no temporary left
+
+
+@pytest.mark.parametrize("name, run, switch", [("decoder", None, "decoder.enabled"),
+                                               ("probe", "baseline-s0", "metrics.probe.enabled")])
+def test_a_disabled_stage_is_refused_in_one_line_and_writes_nothing(tmp_path, capsys, name, run, switch):
+    params = tiny_params(tmp_path, metrics={"probe": {"enabled": False}})
+    code, err = run_in_process(capsys, name, params, run)
+    assert code == 2 and one_line(err) == (f"flowback stage {name}: error: {params}: {switch} is false, so stage "
+                                           f"{name} is not part of this pipeline; nothing was run")
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
