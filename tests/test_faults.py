@@ -413,3 +413,35 @@ def test_a_disabled_stage_is_refused_in_one_line_and_writes_nothing(tmp_path, ca
     assert code == 2 and one_line(err) == (f"flowback stage {name}: error: {params}: {switch} is false, so stage "
                                            f"{name} is not part of this pipeline; nothing was run")
     assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
+
+
+def _relabel(data: Path, split: str = "train") -> None:
+    """Give one sample of the split's first shard another valid class, and re-point the manifest's sha256 at the new
+    shard: every per-shard check passes."""
+    from flowback.data.format import encode_png, read_shard, write_samples
+    from flowback.io import load_json, save_json, sha256_file
+
+    manifest = load_json(data / "manifest.json")
+    entry = manifest["splits"][split]["shards"][0]
+    path = data / entry["name"]
+    samples = sorted(read_shard(path, num_classes=10), key=lambda s: s["key"])
+    samples[0]["label"] = (samples[0]["label"] + 1) % 10
+    write_samples(path, [{"__key__": s["key"], "png": encode_png(s["image"]), "cls": str(s["label"]).encode()}
+                         for s in samples])
+    entry["sha256"] = sha256_file(path)
+    save_json(data / "manifest.json", manifest)
+
+
+def test_a_relabelled_shard_with_its_sha_repointed_stops_training(trained, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(trained[0] / "data", data)
+    _relabel(data / "digits")
+    params = variant(trained, tmp_path, data={"root": str(data)})
+    code, err = run_in_process(capsys, "train", params, "baseline-s0")
+    line = one_line(err)
+    assert code == 2 and line.startswith(f"flowback stage train: error: {data / 'digits' / 'manifest.json'}: split "
+                                         f"'train' per-class counts ["), line
+    assert "do not match the manifest's [" in line and "re-run `python -m flowback stage prepare`" in line
+    assert not (tmp_path / "results" / "runs" / "baseline-s0" / "model.pt").exists()
