@@ -225,6 +225,18 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise FlowBackFileError(f"{path}: {describe_checkpoint_error(path, e)}") from None
 
 
+def check_meta(path: str | Path, meta: dict, expected: dict | None) -> None:
+    """A model file copied from another run (experiment, seed, strategy, position) fits the architecture and would be
+    sampled and scored as this run's without a word: compare what its meta records with the run (keys it lacks, as
+    in older files, are not compared)."""
+    if expected is None:
+        return
+    diff = [f"{k}: checkpoint {meta[k]!r} vs run {v!r}" for k, v in expected.items() if k in meta and meta[k] != v]
+    if diff:
+        raise FlowBackFileError(f"{path}: holds the model of another run ({', '.join(diff)}); re-train this run or "
+                                f"restore its own model file")
+
+
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     with atomic_path(path, size_hint=sum(a.nbytes for a in arrays.values())) as tmp:
         with open(tmp, "wb") as f:

@@ -445,3 +445,34 @@ def test_a_relabelled_shard_with_its_sha_repointed_stops_training(trained, tmp_p
                                          f"'train' per-class counts ["), line
     assert "do not match the manifest's [" in line and "re-run `python -m flowback stage prepare`" in line
     assert not (tmp_path / "results" / "runs" / "baseline-s0" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["sample", "probe"])
+@pytest.mark.parametrize("run, differs", [
+    ("reverse_78-s0", "experiment: checkpoint 'baseline' vs run 'reverse_78', strategy: checkpoint 'none' vs run "
+                      "'reverse', position: checkpoint None vs run '7&8'"),
+    ("baseline-s1", "seed: checkpoint 0 vs run 1"),
+])
+def test_a_model_copied_from_another_run_is_refused_naming_both(trained, tmp_path, capsys, name, run, differs):
+    params = variant(trained, tmp_path, copy_model=run)
+    code, err = run_in_process(capsys, name, params, run)
+    model = tmp_path / "results" / "runs" / run / "model.pt"
+    assert code == 2 and one_line(err) == (f"flowback stage {name}: error: {model}: holds the model of another run "
+                                           f"({differs}); re-train this run or restore its own model file")
+    assert sorted(p.name for p in model.parent.iterdir()) == [".lock", "model.pt"]  # nothing drawn or scored
+
+
+def test_the_model_of_its_own_run_or_milestone_source_passes_the_check(trained):
+    from flowback.checkpoints import load_flow
+    from flowback.params import load_params
+
+    base, raw = trained
+    params = load_params(base / "params.yaml")
+    e = params.run("baseline-s0")
+    _, meta = load_flow(e.checkpoint, expected_meta=e.model_meta)
+    assert meta["experiment"] == "baseline" and meta["seed"] == 0
+    raw = {**raw, "experiments": {**raw["experiments"], "late": {"milestone": {"of": "baseline", "step": 3}}}}
+    from flowback.params import validate_all, validate
+
+    late = validate_all(validate(raw)).run("late-s0")
+    assert late.checkpoint == e.checkpoint and late.model_meta == e.model_meta  # reads baseline's model: accepted

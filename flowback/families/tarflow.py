@@ -120,7 +120,7 @@ class TARFlowFamily(Family):
         g = sp.guidance if guidance_weight is None else sp.guidance.model_copy(update={"weight": guidance_weight})
         seed = sp.seed if seed is None else seed
         fc = flow_config(p)
-        model, meta = load_flow(e.checkpoint, expected=fc, device=device)
+        model, meta = load_flow(e.checkpoint, expected=fc, device=device, expected_meta=e.model_meta)
         labels = sample_labels(p.data.num_classes, sp.per_class, sp.labels, seed, count)
         dtype = torch.bfloat16 if sp.dtype == "bfloat16" else None
         key = f"{sha256_file(e.checkpoint)}:{sp.model_dump_json()}:{g.model_dump_json()}:{seed}:{len(labels)}"
@@ -175,7 +175,7 @@ class TARFlowFamily(Family):
         from ..builders import flow_config
         from ..checkpoints import load_flow
 
-        return load_flow(e.checkpoint, expected=flow_config(e.params), device=device)
+        return load_flow(e.checkpoint, expected=flow_config(e.params), device=device, expected_meta=e.model_meta)
 
     # ------------------------------------------------------------------------------------------ plan
     def plan(self, e: "Experiment", world: int, val_images: int) -> list:
