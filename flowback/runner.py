@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import FlowBackError, Interrupted, ParamsError
-from .params import Experiment, Params, load_params, restrict
+from .params import Experiment, Params, check_working_directory, load_params, restrict
 
 
 class LockedError(FlowBackError):
@@ -101,6 +101,7 @@ def main(name: str, run: str | None, params_file: str = "params.yaml", progress:
                               f"nothing was run")
         if run and not st.applies(cfg):
             raise ParamsError(f"run {run!r} has no {name} stage")
+        check_working_directory(params, params_file, st.reads(cfg))  # the file as written, not the merged run
         pipeline = Pipeline(params, params_file)
         check_under_dvc(pipeline)
         rank = env()[0]

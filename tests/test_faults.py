@@ -476,3 +476,70 @@ def test_the_model_of_its_own_run_or_milestone_source_passes_the_check(trained):
 
     late = validate_all(validate(raw)).run("late-s0")
     assert late.checkpoint == e.checkpoint and late.model_meta == e.model_meta  # reads baseline's model: accepted
+
+
+def _checkout(tmp: Path) -> Path:
+    """A checkout (its dvc.yaml) with a params file at its root and one in profiles/, paths relative."""
+    from conftest import tiny_raw, write_params
+
+    home = tmp / "clone"
+    (home / "profiles").mkdir(parents=True)
+    (home / "dvc.yaml").write_text("stages: {}\n")
+    raw = tiny_raw(home)
+    raw["results"], raw["data"]["root"] = "results", "results/data"
+    write_params(home, raw)
+    write_params(home / "profiles", raw, "tiny.yaml")
+    return home
+
+
+@pytest.mark.parametrize("cwd, params, ok", [
+    ("clone", "clone/params.yaml", True),
+    ("clone", "clone/profiles/tiny.yaml", True),  # a profile: its paths are relative to the checkout
+    ("elsewhere", "clone/params.yaml", False),
+    ("clone/profiles", "clone/profiles/tiny.yaml", False),
+    ("clone/profiles", "clone/params.yaml", False),
+])
+def test_relative_paths_need_the_checkout_as_working_directory(tmp_path, monkeypatch, cwd, params, ok):
+    from flowback.params import ParamsError, check_working_directory, load_params
+
+    home = _checkout(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / cwd)
+    path = tmp_path / params
+    p = load_params(path)
+    if ok:
+        check_working_directory(p, path)
+        return
+    with pytest.raises(ParamsError) as err:
+        check_working_directory(p, path)
+    assert str(err.value) == (f"{path}: its relative paths (results: results, data.root: results/data) would "
+                              f"resolve against the working directory {tmp_path / cwd}, not {home}: run from {home}, "
+                              f"or make the paths absolute")
+
+
+def test_outside_a_checkout_relative_paths_need_the_params_directory_or_one_above(tmp_path, monkeypatch):
+    from conftest import tiny_raw, write_params
+    from flowback.params import ParamsError, check_working_directory, load_params
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    raw = tiny_raw(tmp_path)
+    raw["results"] = "results"
+    path = write_params(tmp_path / "a", raw)
+    p = load_params(path)
+    for ok in (tmp_path, tmp_path / "a"):
+        monkeypatch.chdir(ok)
+        check_working_directory(p, path)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    with pytest.raises(ParamsError, match=rf"run from {tmp_path / 'a'}, or make the paths absolute"):
+        check_working_directory(p, path)
+    raw["results"] = str(tmp_path / "results")
+    check_working_directory(load_params(write_params(tmp_path / "a", raw)), path)  # absolute: any directory
+
+
+def test_a_stage_run_from_another_directory_than_the_checkout_is_one_line(tmp_path, capsys, monkeypatch):
+    home = _checkout(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, err = run_in_process(capsys, "prepare", home / "params.yaml")
+    assert code == 2 and one_line(err).endswith(f"run from {home}, or make the paths absolute")
+    assert not list((tmp_path / "elsewhere").iterdir()) and not (home / "results").exists()
