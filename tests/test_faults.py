@@ -543,3 +543,20 @@ def test_a_stage_run_from_another_directory_than_the_checkout_is_one_line(tmp_pa
     code, err = run_in_process(capsys, "prepare", home / "params.yaml")
     assert code == 2 and one_line(err).endswith(f"run from {home}, or make the paths absolute")
     assert not list((tmp_path / "elsewhere").iterdir()) and not (home / "results").exists()
+
+
+@pytest.mark.slow
+def test_the_snakefile_run_from_another_directory_is_one_line(tmp_path):
+    import shutil
+
+    exe = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
+    r = subprocess.run([exe, "-s", str(ROOT / "Snakefile"), "-n", "ablation_table"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out and 'File "' not in out, out
+    assert (f"snakemake: error: {ROOT / 'Snakefile'}: run snakemake from {ROOT} (cd there, or pass --directory "
+            f"{ROOT})") in out
+    assert list(tmp_path.iterdir()) == [] or [p.name for p in tmp_path.iterdir()] == [".snakemake"]
+    r = subprocess.run([exe, "-s", str(ROOT / "Snakefile"), "--directory", str(ROOT), "-n", "--forceall",
+                        "prepare"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
