@@ -244,14 +244,20 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, never unpickled; what is wrong with another file is said in plain words (numpy takes
+    anything that is not a zip for a pickle and advises loading it unsafely)."""
     path = Path(path)
     if not path.exists():
         raise FlowBackFileError(f"{path}: file not found")
+    if not zipfile.is_zipfile(path):
+        raise FlowBackFileError(f"{path}: not an .npz file ({path.stat().st_size} bytes that are not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except Exception as e:
-        raise FlowBackFileError(f"{path}: cannot read .npz ({type(e).__name__}: {e})") from e
+        why = ("refused: it holds pickled (object) arrays, which FlowBack never unpickles" if "pickle" in str(e)
+               else f"cannot read .npz ({type(e).__name__}: {e})")
+        raise FlowBackFileError(f"{path}: {why}") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -560,3 +560,25 @@ def test_the_snakefile_run_from_another_directory_is_one_line(tmp_path):
     r = subprocess.run([exe, "-s", str(ROOT / "Snakefile"), "--directory", str(ROOT), "-n", "--forceall",
                         "prepare"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_a_text_file_as_reference_batch_is_one_plain_line(tmp_path):
+    from flowback.io import FlowBackFileError, load_npz
+    from flowback.metrics.reference import read_adm_batch
+
+    path = tmp_path / "VIRTUAL_imagenet64_labeled.npz"
+    path.write_text("not a npz")  # 9 bytes
+    with pytest.raises(FlowBackFileError) as err:
+        read_adm_batch(path)
+    assert str(err.value) == (f"{path}: not an ADM reference batch (9 bytes that are not an .npz; expected arr_0: "
+                              f"uint8 NHWC images, and mu, sigma, mu_s, sigma_s: their pool and spatial statistics, as "
+                              f"in guided-diffusion's VIRTUAL_*.npz)")
+    with pytest.raises(FlowBackFileError, match=r"not an \.npz file \(9 bytes that are not a zip archive\)$"):
+        load_npz(path)
+    import numpy as np
+
+    np.savez(path, arr_0=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(FlowBackFileError) as err:
+        load_npz(path)
+    assert "pickle=" not in str(err.value) and str(err.value).endswith("refused: it holds pickled (object) arrays, "
+                                                                      "which FlowBack never unpickles")
