@@ -13,9 +13,25 @@
 # means a missing output: the instance and everything downstream run, in a fresh clone too. Inputs are ancient() and
 # profiles/default sets the rerun triggers to file times only: .snakemake/ history plays no part. Threads come from
 # params (runtime.threads), never from the environment.
+import sys
+from pathlib import Path
+
+from flowback.errors import FlowBackError
+from flowback.params import check_working_directory
 from flowback.pipeline import Pipeline
 
-P = Pipeline.load(config.get("params", "params.yaml"))
+# Run from the checkout (`snakemake -s <clone>/Snakefile` elsewhere would read that directory's params.yaml, write
+# results there and run another flowback): one line and exit 2, as the stages do, never a stack.
+try:
+    if Path.cwd().resolve() != Path(workflow.basedir).resolve():
+        raise FlowBackError(f"{workflow.main_snakefile}: run snakemake from {workflow.basedir} (cd there, or pass "
+                            f"--directory {workflow.basedir}): params.yaml and the paths in it are relative to the "
+                            f"working directory, here {Path.cwd()}")
+    P = Pipeline.load(config.get("params", "params.yaml"))
+    check_working_directory(P.params, config.get("params", "params.yaml"))
+except FlowBackError as _e:
+    print(f"snakemake: error: {_e}", file=sys.stderr)
+    sys.exit(2)
 THREADS = max(1, P.params.runtime.threads)
 LOGS = str(P.params.results_dir / "logs")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .io import FlowBackFileError, load_torch, save_torch
+from .io import FlowBackFileError, check_meta, load_torch, save_torch
 from .models.tarflow import FlowConfig, TARFlow
 
 
@@ -19,10 +19,11 @@ def family_of(path: str | Path) -> str:
     return state.get("family", "tarflow") if isinstance(state, dict) else "tarflow"
 
 
-def load_flow(path: str | Path, expected: FlowConfig | None = None, device: str = "cpu") -> tuple[TARFlow, dict]:
+def load_flow(path: str | Path, expected: FlowConfig | None = None, device: str = "cpu",
+              expected_meta: dict | None = None) -> tuple[TARFlow, dict]:
     """Load a flow for inference (eval mode, parameters frozen: denoising and the classifier differentiate only with
     respect to their inputs, so no parameter gradients are kept); if `expected` is given, a checkpoint of another
-    configuration is an error naming the file."""
+    configuration is an error naming the file, and if `expected_meta` is, one of another run (check_meta)."""
     state = load_torch(path, map_location=device)
     if not isinstance(state, dict) or "config" not in state or "weights" not in state:
         raise FlowBackFileError(f"{path}: not a FlowBack flow checkpoint (no config/weights)")
@@ -37,6 +38,7 @@ def load_flow(path: str | Path, expected: FlowConfig | None = None, device: str 
                 if getattr(cfg, k) != getattr(expected, k)}
         raise FlowBackFileError(f"{path}: checkpoint is from another model configuration; "
                                 + ", ".join(f"{k}: checkpoint {a!r} vs params {b!r}" for k, (a, b) in diff.items()))
+    check_meta(path, state.get("meta", {}), expected_meta)
     model = TARFlow(cfg)
     try:
         model.load_state_dict(state["weights"])

@@ -10,3 +10,7 @@ class FlowBackError(Exception):
 
 class ParamsError(FlowBackError, ValueError):
     """A params file is invalid; the message names every offending key by its path."""
+
+
+class Interrupted(FlowBackError):
+    """Ctrl-C (SIGINT) stopped a stage; the message says what a rerun picks up. Exit status 130 (128 + SIGINT)."""

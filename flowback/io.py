@@ -88,6 +88,18 @@ def _gib(n: int | None) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _disk_full(e: BaseException | None) -> bool:
+    """Whether `e` or an exception it was raised from is ENOSPC/EDQUOT: torch.save reports a full disk as a
+    RuntimeError of its zip writer (inline_container.cc) raised while handling the file's OSError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed.
@@ -104,14 +116,15 @@ def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterat
             yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        except Exception as e:
+            if _disk_full(e):
                 written = tmp.stat().st_size if tmp.exists() else 0
                 need = max(size_hint or 0, written)
                 raise DiskFullError(
                     f"{path}: no space left on the device while writing it ({'about ' + _gib(need) if need else 'size unknown'}"
-                    f" needed, {_gib(_free_bytes(path.parent))} free); the previous file is intact - free space "
-                    f"and run again") from e
+                    f" needed, {_gib(_free_bytes(path.parent))} free); "
+                    f"{'the previous file is intact' if path.exists() else 'nothing was written'} - free space and "
+                    f"run again") from e
             raise
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
@@ -220,6 +233,18 @@ def load_torch(path: str | os.PathLike, map_location: "str | torch.device" = "cp
         raise FlowBackFileError(f"{path}: {describe_checkpoint_error(path, e)}") from None
 
 
+def check_meta(path: str | Path, meta: dict, expected: dict | None) -> None:
+    """A model file copied from another run (experiment, seed, strategy, position) fits the architecture and would be
+    sampled and scored as this run's without a word: compare what its meta records with the run (keys it lacks, as
+    in older files, are not compared)."""
+    if expected is None:
+        return
+    diff = [f"{k}: checkpoint {meta[k]!r} vs run {v!r}" for k, v in expected.items() if k in meta and meta[k] != v]
+    if diff:
+        raise FlowBackFileError(f"{path}: holds the model of another run ({', '.join(diff)}); re-train this run or "
+                                f"restore its own model file")
+
+
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     with atomic_path(path, size_hint=sum(a.nbytes for a in arrays.values())) as tmp:
         with open(tmp, "wb") as f:
@@ -227,14 +252,20 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, never unpickled; what is wrong with another file is said in plain words (numpy takes
+    anything that is not a zip for a pickle and advises loading it unsafely)."""
     path = Path(path)
     if not path.exists():
         raise FlowBackFileError(f"{path}: file not found")
+    if not zipfile.is_zipfile(path):
+        raise FlowBackFileError(f"{path}: not an .npz file ({path.stat().st_size} bytes that are not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except Exception as e:
-        raise FlowBackFileError(f"{path}: cannot read .npz ({type(e).__name__}: {e})") from e
+        why = ("refused: it holds pickled (object) arrays, which FlowBack never unpickles" if "pickle" in str(e)
+               else f"cannot read .npz ({type(e).__name__}: {e})")
+        raise FlowBackFileError(f"{path}: {why}") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import FlowBackError, ParamsError
-from .params import Experiment, Params, load_params, restrict
+from .errors import FlowBackError, Interrupted, ParamsError
+from .params import Experiment, Params, check_working_directory, load_params, restrict
 
 
 class LockedError(FlowBackError):
@@ -97,10 +97,12 @@ def main(name: str, run: str | None, params_file: str = "params.yaml", progress:
         run = params.resolve_run(run) if st.per_run else None
         cfg = params.run(run) if st.per_run else params
         if not st.enabled(params):
-            raise ParamsError(f"stage {name} is not part of this profile's pipeline ({st.doc}; it is off in "
-                              f"{params_file})")
+            raise ParamsError(f"{params_file}: {st.switch} is off (false or empty), so stage {name} is not part of this "
+                              f"pipeline; "
+                              f"nothing was run")
         if run and not st.applies(cfg):
             raise ParamsError(f"run {run!r} has no {name} stage")
+        check_working_directory(params, params_file, st.reads(cfg))  # the file as written, not the merged run
         pipeline = Pipeline(params, params_file)
         check_under_dvc(pipeline)
         rank = env()[0]
@@ -113,6 +115,13 @@ def main(name: str, run: str | None, params_file: str = "params.yaml", progress:
         if summary:
             print(summary)
         return 0
+    except Interrupted as e:  # a stage that knows where it stopped (train)
+        print(f"flowback stage {name}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # outputs are replaced whole, so nothing is half-written: say what a rerun reuses
+        then = f"rerun resumes from {st.resumes}" if st.resumes else "rerun starts it over"
+        print(f"flowback stage {name}: interrupted; {then}", file=sys.stderr)
+        return 130
     except FlowBackError as e:
         print(f"flowback stage {name}: error: {e}", file=sys.stderr)
         return 2

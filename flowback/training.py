@@ -40,7 +40,7 @@ from .builders import flow_config
 from .checkpoints import save_flow
 from .data.batches import Batch, Batches
 from .distributed import barrier, broadcast_int
-from .errors import FlowBackError
+from .errors import FlowBackError, Interrupted
 from .io import FlowBackFileError, load_torch, save_torch
 from .models.tarflow import TARFlow, bits_per_dim
 from .models.transformer import Layer
@@ -52,6 +52,16 @@ from .seeding import derive_seed, generator
 
 class TrainingError(FlowBackError):
     """Training cannot go on (non-finite loss, mismatched resume state); the message says what to do."""
+
+
+class TrainingInterrupted(Interrupted):
+    """Ctrl-C during training: the state on disk is intact, so the message says where a rerun resumes."""
+
+    def __init__(self, step: int, saved: int, state_path: Path):
+        self.step, self.saved = step, saved
+        then = (f"rerun resumes from step {saved} (the last saved state, {state_path})" if saved else
+                "no state was saved yet (train.checkpoint_every): rerun starts from step 0")
+        super().__init__(f"interrupted at step {step}; {then}")
 
 
 # ----------------------------------------------------------------------------------------------------------- plan
@@ -300,44 +310,50 @@ def train(
                                 f"state is {state_path} - lower train.lr or raise train.grad_clip, then re-run to "
                                 f"resume")
 
-    for step in bar:
-        batch = batches.get(step).to(device)
-        x, y = step_inputs(batch, step, exp, rank, world)
-        tgt = targets(batch) if targets is not None else None
-        lr = learning_rate(step, tp.lr, tp.min_lr, tp.warmup_steps, tp.steps)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr
+    saved = start  # the step of the state on disk: where a rerun resumes
+    try:
+        for step in bar:
+            batch = batches.get(step).to(device)
+            x, y = step_inputs(batch, step, exp, rank, world)
+            tgt = targets(batch) if targets is not None else None
+            lr = learning_rate(step, tp.lr, tp.min_lr, tp.warmup_steps, tp.steps)
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr
 
-        state.optimizer.zero_grad(set_to_none=True)
-        stats = accumulate_gradients(objective_fn, x, y, tgt, plan, ddp, autocast)
-        if world > 1:
-            torch.distributed.all_reduce(stats)
-            stats /= world
-        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(stats).all(), step + 1, first_bad)
-        grad_norm = nn.utils.clip_grad_norm_(params, tp.grad_clip if tp.grad_clip > 0 else float("inf"))
-        state.optimizer.step()
-        state.update_ema(tp.ema_decay)
-        state.step = step + 1
+            state.optimizer.zero_grad(set_to_none=True)
+            stats = accumulate_gradients(objective_fn, x, y, tgt, plan, ddp, autocast)
+            if world > 1:
+                torch.distributed.all_reduce(stats)
+                stats /= world
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(stats).all(), step + 1, first_bad)
+            grad_norm = nn.utils.clip_grad_norm_(params, tp.grad_clip if tp.grad_clip > 0 else float("inf"))
+            state.optimizer.step()
+            state.update_ema(tp.ema_decay)
+            state.step = step + 1
 
-        last = step + 1 == tp.steps
-        if (step + 1) % tp.log_every == 0 or last:
-            check_finite(step + 1)
-            loss_v, nll_v, align_v = stats.tolist()
-            row = {"step": step + 1, "loss": loss_v, "bpd": float(bits_per_dim(nll_v)), "align": align_v, "lr": lr,
-                   "grad_norm": float(grad_norm)}
-            state.log.append(row)
-            bar.set_postfix(bpd=f"{row['bpd']:.3f}", align=f"{row['align']:.3f}", refresh=False)
-            if on_log is not None and rank == 0:
-                on_log(state.log)
-        if (step + 1) % tp.checkpoint_every == 0 or last:
-            check_finite(step + 1)
-            if rank == 0:
-                state.save(state_path)
-        if step + 1 in milestones and rank == 0:
-            save_flow(milestones[step + 1], state.final_model, experiment=exp.name, seed=exp.seed,
-                      strategy=exp.strategy, position=exp.position, steps=step + 1)
-        if on_step is not None:
-            on_step(step + 1)
+            last = step + 1 == tp.steps
+            if (step + 1) % tp.log_every == 0 or last:
+                check_finite(step + 1)
+                loss_v, nll_v, align_v = stats.tolist()
+                row = {"step": step + 1, "loss": loss_v, "bpd": float(bits_per_dim(nll_v)), "align": align_v, "lr": lr,
+                       "grad_norm": float(grad_norm)}
+                state.log.append(row)
+                bar.set_postfix(bpd=f"{row['bpd']:.3f}", align=f"{row['align']:.3f}", refresh=False)
+                if on_log is not None and rank == 0:
+                    on_log(state.log)
+            if (step + 1) % tp.checkpoint_every == 0 or last:
+                check_finite(step + 1)
+                if rank == 0:
+                    state.save(state_path)
+                saved = step + 1
+            if step + 1 in milestones and rank == 0:
+                save_flow(milestones[step + 1], state.final_model, experiment=exp.name, seed=exp.seed,
+                          strategy=exp.strategy, position=exp.position, steps=step + 1)
+            if on_step is not None:
+                on_step(step + 1)
+    except KeyboardInterrupt:
+        bar.close()
+        raise TrainingInterrupted(state.step, saved, state_path) from None
     seconds = time.perf_counter() - t0
 
     final = state.final_model

@@ -95,7 +95,9 @@ def test_keys_chain_down_the_pipeline(pipeline):
     changed = Pipeline(p.model_copy(update={"align": p.align.model_copy(update={"weight": 0.25})}), raw=raw)
     moved = {i.name for i in pipeline.instances if pipeline.key(i.name) != changed.key(i.name)}
     aligned = {r for r in p.runs() if p.run(r).strategy != "none"}
-    assert moved == {f"{s}_{r}" for s in ("train", "sample", "evaluate", "probe") for r in aligned} | {"table"}
+    curved = {r for r in aligned if p.run(r).params.train.milestones}
+    assert moved == ({f"{s}_{r}" for s in ("train", "sweep", "sample", "evaluate", "probe") for r in aligned}
+                     | {f"curve_{r}" for r in curved} | {"table"})
 
 
 @pytest.mark.slow

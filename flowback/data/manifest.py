@@ -169,11 +169,11 @@ def iter_shards(directory: Path, manifest: Manifest, split: str,
 
 
 def _read_samples(directory: Path, manifest: Manifest, split: str) -> list[dict[str, Any]]:
-    entry = manifest.split(split, directory)
+    """Every checked sample of `split`, and their per-class counts checked against the manifest (as `data verify`
+    does): a label changed to another valid class, its shard's sha256 re-pointed, would otherwise train silently."""
     samples = [s for shard in iter_shards(directory, manifest, split) for s in shard]
-    if len(samples) != entry.count:
-        raise FlowBackFileError(f"{directory / MANIFEST}: split {split!r} says {entry.count} samples but its "
-                                f"shards hold {len(samples)}")
+    labels = np.asarray([s["label"] for s in samples], np.int64)
+    check_counts(directory, manifest, split, np.bincount(labels, minlength=manifest.num_classes))
     return samples
 
 
@@ -229,7 +229,8 @@ def check_counts(directory: str | Path, manifest: Manifest, split: str, per_clas
                                 f"{int(per_class.sum())}")
     if per_class.tolist() != list(entry.per_class):
         raise FlowBackFileError(f"{where}: split {split!r} per-class counts {per_class.tolist()} do not match the "
-                                f"manifest's {entry.per_class}")
+                                f"manifest's {entry.per_class} (labels changed after prepare); re-run `python -m "
+                                f"flowback stage prepare`")
     skipped = sum(len(s.skipped) for s in entry.shards)
     if skipped != entry.skipped:
         raise FlowBackFileError(f"{where}: split {split!r} lists {skipped} skipped sources in its shards but says "

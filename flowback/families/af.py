@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..data.manifest import data_reads
-from ..io import FlowBackFileError, load_torch, save_torch
+from ..io import FlowBackFileError, check_meta, load_torch, save_torch
 from .base import Family, Sampled, Trained
 
 if TYPE_CHECKING:
@@ -58,8 +58,9 @@ def save_generator(path: str | Path, generator, **meta: Any) -> None:
     save_torch(path, {"family": "af", **generator.state(), "meta": meta})
 
 
-def load_generator(path: str | Path, expected=None, device: str = "cpu"):
-    """An adversarial flow's generator for sampling (eval, frozen); another config is an error naming the file."""
+def load_generator(path: str | Path, expected=None, device: str = "cpu", expected_meta: dict | None = None):
+    """An adversarial flow's generator for sampling (eval, frozen); another config, or another run's file
+    (checkpoints.check_meta), is an error naming the file."""
     from ..models.af import AFConfig, Generator
 
     state = load_torch(path, map_location=device)
@@ -71,6 +72,7 @@ def load_generator(path: str | Path, expected=None, device: str = "cpu"):
         raise FlowBackFileError(f"{path}: invalid generator config in checkpoint ({e})") from e
     if expected is not None and cfg != expected:
         raise FlowBackFileError(f"{path}: checkpoint is from another generator configuration ({cfg} vs {expected})")
+    check_meta(path, state.get("meta", {}), expected_meta)
     try:
         model = Generator.from_state(state)
     except RuntimeError as e:
@@ -161,7 +163,7 @@ class AFFamily(Family):
         seed = sp.seed if seed is None else seed
         checkpoint = e.checkpoint if checkpoint is None else checkpoint
         cfg = af_config(p)
-        model, _ = load_generator(checkpoint, expected=cfg, device=device)
+        model, _ = load_generator(checkpoint, expected=cfg, device=device, expected_meta=e.model_meta)
         labels = sample_labels(p.data.num_classes, sp.per_class, sp.labels, seed,
                                sp.count if count is None else count)
         dtype = torch.bfloat16 if sp.dtype == "bfloat16" else None

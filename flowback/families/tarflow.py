@@ -121,7 +121,7 @@ class TARFlowFamily(Family):
         seed = sp.seed if seed is None else seed
         checkpoint = e.checkpoint if checkpoint is None else checkpoint
         fc = flow_config(p)
-        model, meta = load_flow(checkpoint, expected=fc, device=device)
+        model, meta = load_flow(checkpoint, expected=fc, device=device, expected_meta=e.model_meta)
         labels = sample_labels(p.data.num_classes, sp.per_class, sp.labels, seed,
                                sp.count if count is None else count)
         dtype = torch.bfloat16 if sp.dtype == "bfloat16" else None
@@ -177,7 +177,7 @@ class TARFlowFamily(Family):
         from ..builders import flow_config
         from ..checkpoints import load_flow
 
-        return load_flow(e.checkpoint, expected=flow_config(e.params), device=device)
+        return load_flow(e.checkpoint, expected=flow_config(e.params), device=device, expected_meta=e.model_meta)
 
     # ------------------------------------------------------------------------------------------ plan
     def plan(self, e: "Experiment", world: int, val_images: int) -> list:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -173,12 +174,16 @@ def read_adm_batch(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]
     Read with allow_pickle=False; a missing key, wrong dtype or shape is a FlowBackFileError naming the file.
     """
     path = Path(path)
+    what = ("expected arr_0: uint8 NHWC images, and mu, sigma, mu_s, sigma_s: their pool and spatial statistics, as "
+            "in guided-diffusion's VIRTUAL_*.npz")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise FlowBackFileError(f"{path}: not an ADM reference batch ({path.stat().st_size} bytes that are not an "
+                                f".npz; {what})")
     data = load_npz(path)
     missing = [k for k in ("arr_0",) + ADM_STAT_KEYS if k not in data]
     if missing:
-        raise FlowBackFileError(f"{path}: not an ADM reference batch, missing {', '.join(missing)} (expected arr_0: "
-                                f"uint8 NHWC images, and mu, sigma, mu_s, sigma_s: their pool and spatial statistics, "
-                                f"as in guided-diffusion's VIRTUAL_*.npz); has {sorted(data)}")
+        raise FlowBackFileError(f"{path}: not an ADM reference batch, missing {', '.join(missing)} ({what}); has "
+                                f"{sorted(data)}")
     images = data["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) < 2:
         raise FlowBackFileError(f"{path}: arr_0 must hold at least 2 uint8 NHWC images with 1 or 3 channels, got "

@@ -8,9 +8,9 @@
 
 from ..errors import ParamsError
 from .grid import Experiment, milestone_path, run_id, split_run_id
-from .loading import load_params, read_yaml, validate, validate_all
+from .loading import check_working_directory, load_params, read_yaml, validate, validate_all
 from .reads import UndeclaredParamError, restrict, values
 from .schema import Params
 
-__all__ = ["Experiment", "Params", "ParamsError", "UndeclaredParamError", "load_params", "milestone_path",
-           "read_yaml", "restrict", "run_id", "split_run_id", "validate", "validate_all", "values"]
+__all__ = ["Experiment", "Params", "ParamsError", "UndeclaredParamError", "check_working_directory", "load_params",
+           "milestone_path", "read_yaml", "restrict", "run_id", "split_run_id", "validate", "validate_all", "values"]

@@ -74,6 +74,13 @@ class Experiment(BaseModel):
             return source / "model.pt"
         return milestone_path(source, self.milestone.step)
 
+    @property
+    def model_meta(self) -> dict:
+        """What the meta of the model this run reads must record (flowback.checkpoints.check_meta): the experiment
+        that trained it (its own, or a milestone's source), the seed and the alignment."""
+        return {"experiment": self.milestone.of if self.milestone else self.name, "seed": self.seed,
+                "strategy": self.strategy, "position": self.position}
+
 
 def milestone_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "milestones" / f"step_{step}.pt"

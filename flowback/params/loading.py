@@ -95,3 +95,34 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: {e}") from None
 
 
+
+
+def project_dir(params_file: str | Path) -> Path | None:
+    """The checkout a params file belongs to: the nearest directory at or above it that holds dvc.yaml or a
+    Snakefile (profiles/x.yaml belongs to the checkout above profiles/); None outside any."""
+    for d in Path(params_file).resolve().parents:
+        if (d / "dvc.yaml").is_file() or (d / "Snakefile").is_file():
+            return d
+    return None
+
+
+def check_working_directory(params: Params, params_file: str | Path, reads: list[str] | None = None) -> None:
+    """Relative paths resolve against the working directory, never against the params file: DVC and Snakemake run
+    every stage from the checkout, with paths relative to it. So a params file that writes a relative `results` (the
+    runner's locks and key files) or `data.root` (when `reads`, a stage's declared keys, cover it) is refused from a
+    working directory where they would land elsewhere: not its checkout, or (outside a checkout) not its directory
+    or one above. A key the file leaves to its default means "under the working directory" by definition."""
+    def read(key: str) -> bool:
+        return reads is None or any(key == r or key.startswith(r + ".") for r in reads)
+
+    written = [("results", params, "results"), ("data.root", params.data, "root")]
+    relative = [f"{key}: {getattr(section, name)}" for key, section, name in written
+                if name in section.model_fields_set and read(key) and not Path(getattr(section, name)).is_absolute()]
+    if not relative:
+        return
+    cwd, home = Path.cwd().resolve(), project_dir(params_file)
+    where = Path(params_file).resolve().parent
+    if cwd == home or (home is None and (cwd == where or cwd in where.parents)):
+        return
+    raise ParamsError(f"{params_file}: its relative paths ({', '.join(relative)}) would resolve against the working "
+                      f"directory {cwd}, not {home or where}: run from {home or where}, or make the paths absolute")

@@ -53,10 +53,16 @@ class Stage:
     inputs: Callable[[Any], list[str]] = _nothing  # files it needs (outputs of other stages, or external files)
     per_run: bool = False  # one instance per run of the grid (`<experiment>-s<seed>`)
     launched: bool = False  # started with runtime.launcher (torchrun for DDP) instead of plain python
-    enabled: Callable[[Any], bool] = _always  # (params) -> whether this profile's pipeline has the stage at all
+    switch: str = ""  # the params key that puts the stage in this profile's pipeline when true (or non-empty); empty:
+    # the stage is always there
     applies: Callable[[Any], bool] = _always  # (run's Experiment) -> whether that run has the stage
+    resumes: str = ""  # what a rerun after Ctrl-C or a crash picks up, for the runner's message (empty: it starts over)
     family_methods: tuple[str, ...] = ()  # the model-family methods it calls (its run's family; a global stage: the
     # grid's families): the code it depends on (flowback/pipeline.py)
+
+    def enabled(self, params: Any) -> bool:
+        """Whether this profile's pipeline has the stage at all (its `switch`; the runner refuses it by that key)."""
+        return not self.switch or bool(functools.reduce(getattr, self.switch.split("."), params))
 
     @property
     def calls_families(self) -> bool:

@@ -18,9 +18,6 @@ from . import RUNTIME, Outputs, Stage
 from .evaluate import METRIC_KEYS
 
 
-def enabled(p: Params) -> bool:
-    return p.metrics.calibration.enabled
-
 
 def reads(p: Params) -> list[str]:
     return ["results", "metrics.calibration", *METRIC_KEYS, *RUNTIME, *data_reads(p)]
@@ -69,4 +66,4 @@ def run(p: Params, progress: bool = True) -> str:
 
 
 STAGE = Stage(name="calibrate", doc="the metrics of real held-out images and the split-half floor", reads=reads,
-              inputs=inputs, outputs=outputs, run=run, enabled=enabled)
+              inputs=inputs, outputs=outputs, run=run, switch="metrics.calibration.enabled")

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from ..data.manifest import data_reads
 from ..families import family
-from ..params import Experiment, Params, milestone_path
+from ..params import Experiment, milestone_path
 from . import RUNTIME, Outputs, Stage
 from .evaluate import METRIC_KEYS
 from .sample import swept
 
-
-def enabled(p: Params) -> bool:
-    return p.curve.enabled
 
 
 def applies(e: Experiment) -> bool:
@@ -90,5 +87,6 @@ def run(e: Experiment, progress: bool = True) -> str:
 
 
 STAGE = Stage(name="curve", doc="one run's FID over training (its milestones and final model)", reads=reads,
-              inputs=inputs, outputs=outputs, run=run, per_run=True, launched=True, enabled=enabled, applies=applies,
+              inputs=inputs, outputs=outputs, run=run, per_run=True, launched=True, switch="curve.enabled", applies=applies,
+              resumes="the finished chunks of each model (curve_chunks/ in the run directory)",
               family_methods=("sample",))

@@ -15,10 +15,6 @@ from . import RUNTIME, Outputs, Stage
 
 
 
-def enabled(p: Params) -> bool:
-    return p.decoder.enabled
-
-
 def reads(p: Params) -> list[str]:
     keys = ["decoder", "model.latent", *RUNTIME, *data_reads(p)]
     return keys + (["model.noise_std"] if p.decoder.noise_std is None else [])
@@ -87,4 +83,5 @@ def run(p: Params, progress: bool = True) -> str:
             f"{before['mse']:.4f} -> {after['mse']:.4f} -> {dp.dir}")
 
 
-STAGE = Stage(name="decoder", doc="STARFlow's VAE decoder fine-tuned on noisy latents (latent profiles that enable it)", reads=reads, outputs=outputs, run=run, enabled=enabled, inputs=inputs)
+STAGE = Stage(name="decoder", doc="STARFlow's VAE decoder fine-tuned on noisy latents (latent profiles that enable it)", reads=reads, outputs=outputs, run=run, switch="decoder.enabled", inputs=inputs,
+              resumes="the last saved fine-tuning state (.resume/state.pt in decoder.dir)")

@@ -91,4 +91,5 @@ def run(p: Params, progress: bool = True) -> str:
     return report(verify(directory), directory)
 
 
-STAGE = Stage(name="prepare", doc="the data set as verified WebDataset shards", reads=reads, outputs=outputs, run=run, inputs=inputs)
+STAGE = Stage(name="prepare", doc="the data set as verified WebDataset shards", reads=reads, outputs=outputs, run=run, inputs=inputs,
+              resumes="the finished shards")

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 from ..data.manifest import data_reads
 from ..families import family
-from ..params import Experiment, Params
+from ..params import Experiment
 from . import RUNTIME, Outputs, Stage
-
-
-def enabled(p: Params) -> bool:
-    return p.metrics.probe.enabled
 
 
 def applies(e: Experiment) -> bool:
@@ -71,4 +67,4 @@ def run(e: Experiment, progress: bool = True) -> str:
 
 
 STAGE = Stage(name="probe", doc="linear probes of one run's model", reads=reads, inputs=inputs, outputs=outputs,
-              run=run, per_run=True, enabled=enabled, applies=applies, family_methods=("load",))
+              run=run, per_run=True, switch="metrics.probe.enabled", applies=applies, family_methods=("load",))

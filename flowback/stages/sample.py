@@ -64,4 +64,5 @@ def run(e: Experiment, progress: bool = True) -> str:
 
 
 STAGE = Stage(name="sample", doc="one run's samples", reads=reads, inputs=inputs, outputs=outputs, run=run,
-              per_run=True, launched=True, family_methods=("sample",))
+              per_run=True, launched=True, family_methods=("sample",),
+              resumes="the finished chunks (chunks/ in the run directory)")

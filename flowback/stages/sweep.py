@@ -13,13 +13,10 @@ from __future__ import annotations
 
 from ..data.manifest import data_reads
 from ..families import family
-from ..params import Experiment, Params
+from ..params import Experiment
 from . import RUNTIME, Outputs, Stage
 from .evaluate import METRIC_KEYS
 
-
-def enabled(p: Params) -> bool:
-    return bool(p.sweep.scales)
 
 
 def applies(e: Experiment) -> bool:
@@ -83,5 +80,6 @@ def run(e: Experiment, progress: bool = True) -> str:
 
 
 STAGE = Stage(name="sweep", doc="one run's guidance sweep (FID per scale, the best scale)", reads=reads, inputs=inputs,
-              outputs=outputs, run=run, per_run=True, launched=True, enabled=enabled, applies=applies,
+              outputs=outputs, run=run, per_run=True, launched=True, switch="sweep.scales", applies=applies,
+              resumes="the finished chunks of each scale (sweep_chunks/ in the run directory)",
               family_methods=("sample",))

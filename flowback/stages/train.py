@@ -74,4 +74,5 @@ def _trains(e: Experiment) -> bool:
 
 
 STAGE = Stage(name="train", doc="one run's model", reads=reads, inputs=inputs, outputs=outputs, run=run, per_run=True,
-              launched=True, applies=_trains, family_methods=("train",))
+              launched=True, applies=_trains, family_methods=("train",),
+              resumes="the last saved state (.resume/state.pt in the run directory)")
