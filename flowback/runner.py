@@ -57,8 +57,10 @@ def run_lock(path: Path, what: str) -> Iterator[None]:
 
 
 def lock_path(params: Params, cfg: Params | Experiment, stage: str) -> Path:
+    """One lock per stage instance: two stages of one run (its sweep and its probe, say) write different files and may
+    run at once (snakemake -j2); two runners of the same instance may not."""
     if isinstance(cfg, Experiment):
-        return cfg.run_dir / ".lock"
+        return cfg.run_dir / f".{stage}.lock"
     return params.results_dir / ".locks" / f"{stage}.lock"
 
 

@@ -461,7 +461,7 @@ def test_a_model_copied_from_another_run_is_refused_naming_both(trained, tmp_pat
     model = tmp_path / "results" / "runs" / run / "model.pt"
     assert code == 2 and one_line(err) == (f"flowback stage {name}: error: {model}: holds the model of another run "
                                            f"({differs}); re-train this run or restore its own model file")
-    assert sorted(p.name for p in model.parent.iterdir()) == [".lock", "model.pt"]  # nothing drawn or scored
+    assert sorted(p.name for p in model.parent.iterdir()) == [f".{name}.lock", "model.pt"]  # nothing drawn or scored
 
 
 def test_the_model_of_its_own_run_or_milestone_source_passes_the_check(trained):

@@ -100,12 +100,14 @@ def test_each_finished_stage_writes_its_key_file(pipeline_run):
     assert "sweep_af-s0" not in pipe.by_name and "curve_reverse_78_at2-s0" not in pipe.by_name  # no guidance; no training
 
 
-def test_a_second_runner_of_the_same_run_stops_naming_the_holder(pipeline_run, capsys):
+def test_a_second_runner_of_the_same_instance_stops_naming_the_holder(pipeline_run, capsys):
+    """...while another stage of the same run goes ahead (snakemake -j2 runs a run's probe beside its sweep)."""
     from flowback.runner import run_lock
 
     tmp, p = pipeline_run
     run_dir = tmp / "results" / "runs" / "baseline-s0"
-    with run_lock(run_dir / ".lock", "train baseline-s0"):
+    with run_lock(run_dir / ".evaluate.lock", "evaluate baseline-s0"):
+        stage("probe", p, "baseline-s0")
         with pytest.raises(SystemExit) as e:
             stage("evaluate", p, "baseline-s0")
     assert e.value.code == 2
