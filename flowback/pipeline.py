@@ -362,20 +362,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------------- dvc.yaml
     def dvc_plots(self) -> list[dict]:
-        """`dvc plots show`: each family's training curves (its own log columns, one line per run), then the
-        figures of the whole grid (the table stage's) as image plots, which renders offline."""
-        from .families import family
-
-        logs: dict[str, list[str]] = {}
+        """`dvc plots show`: one figure per family and log field with a line per run (each run's `<field>.tsv`,
+        DVCLive's layout: flowback/live.py), then the figures of the whole grid (the table stage's PNGs) as image
+        plots, which render offline."""
+        curves: dict[tuple[str, str], list[str]] = {}
         for inst in self.instances:
-            if inst.outputs.plots:
-                logs.setdefault(inst.families[0], []).extend(inst.outputs.plots)
+            for path in inst.outputs.plots:
+                field = posixpath.splitext(posixpath.basename(path))[0]
+                curves.setdefault((inst.families[0], field), []).append(path)
         plots: list[dict] = []
-        for name, paths in logs.items():
+        for (name, field), paths in curves.items():
             title = {"tarflow": "flow", "af": "adversarial flow"}.get(name, name)
-            plots += [{f"{title}: {field}": {"x": "step", "y": {path: field for path in paths},
-                                             "title": f"{title} training: {field}"}}
-                      for field in family(name).log_fields]
+            plots.append({f"{title}: {field}": {"x": "step", "y": {path: field for path in paths},
+                                                "title": f"{title} training: {field}"}})
         images = [p for inst in self.instances if inst.run is None for p in inst.outputs.files if p.endswith(".png")]
         return plots + images
 

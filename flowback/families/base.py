@@ -46,7 +46,7 @@ class Family:
     name: str = ""
     has_likelihood: bool = True  # training-free classifier and linear probes
     saves_milestones: bool = False  # train.milestones: models saved along the way, read by milestone experiments
-    log_fields: tuple[str, ...] = ()  # train_log.csv columns worth a curve (besides step)
+    log_fields: tuple[str, ...] = ()  # log columns worth a curve (besides step): a DVCLive file each
 
     # -------------------------------------------------------------------------------------- params
     def check_experiment(self, spec: "ExperimentParams") -> None:

@@ -23,7 +23,7 @@ from ..families.base import RUNTIME  # noqa: F401  (the keys flowback.runtime.co
 class Outputs:
     outs: list[str] = field(default_factory=list)  # large files DVC caches (models, samples, shards)
     metrics: list[str] = field(default_factory=list)  # results only, kept in git: `dvc metrics show/diff`
-    plots: list[str] = field(default_factory=list)  # CSV curves: `dvc plots show`
+    plots: list[str] = field(default_factory=list)  # curves, one field a file named <field>.tsv: `dvc plots show`
     files: list[str] = field(default_factory=list)  # other small outputs kept in git (tables, figures)
     persist: list[str] = field(default_factory=list)  # outputs DVC must not delete before the stage runs
     records: list[str] = field(default_factory=list)  # records of the machine (timings): not cached, not in git
