@@ -55,6 +55,8 @@ PLUMBING = frozenset({
     "flowback/errors.py", "flowback/progress.py",  # exception classes and progress bars
 })
 VALIDATION_ONLY = "# pipeline: validation only"
+# .dvc/plots/runs.json: DVC's linear plot, but one colour per run (DVC's own colours revisions and dashes files)
+PLOT_TEMPLATE = "runs"
 
 
 class PipelineError(FlowBackError):
@@ -374,7 +376,7 @@ class Pipeline:
         for (name, field), paths in curves.items():
             title = {"tarflow": "flow", "af": "adversarial flow"}.get(name, name)
             plots.append({f"{title}: {field}": {"x": "step", "y": {path: field for path in paths},
-                                                "title": f"{title} training: {field}"}})
+                                                "template": PLOT_TEMPLATE, "title": f"{title} training: {field}"}})
         images = [p for inst in self.instances if inst.run is None for p in inst.outputs.files if p.endswith(".png")]
         return plots + images
 
