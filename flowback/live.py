@@ -4,8 +4,11 @@
 values and step. Both are written from the training log, which the resume state carries: the directory is emptied
 when a run (re)starts and every row of the log is written again, so a resumed run's files equal an uninterrupted
 run's. Nothing in them depends on the machine or the clock (no timestamps), so a re-run rewrites them byte for byte.
-DVCLive writes no dvc.yaml, report or experiment of its own: flowback/pipeline.py declares the files, and `dvc exp
-run` saves the experiment.
+
+DVCLive only writes files here. The repository belongs to the engine that runs the stage (DVC or Snakemake):
+flowback/pipeline.py declares the files in dvc.yaml and `dvc exp run` saves experiments, so DVCLive writes no dvc.yaml,
+report or experiment, and does not open the repository at all (it would `dvc init` a git repository that has no
+.dvc/, and stop the training in one without commits).
 """
 
 from __future__ import annotations
@@ -30,9 +33,13 @@ class LiveLog:
     def __init__(self, run_dir: str | Path, fields: tuple[str, ...]):
         from dvclive import Live
 
+        class FilesOnly(Live):
+            def _init_dvc(self) -> None:  # the repository is the engine's (module docstring)
+                pass
+
         self.fields, self.written = fields, 0
-        self.live = Live(f"{run_dir}/{DIRECTORY}", resume=False, report=None, save_dvc_exp=False, dvcyaml=None,
-                         monitor_system=False)
+        self.live = FilesOnly(f"{run_dir}/{DIRECTORY}", resume=False, report=None, save_dvc_exp=False, dvcyaml=None,
+                              monitor_system=False)
 
     def __call__(self, log: list[dict]) -> None:
         for row in log[self.written:]:

@@ -306,3 +306,17 @@ def test_a_resumed_run_writes_the_curves_an_uninterrupted_run_writes(tmp_path, o
 
     summary = json.loads(full["dvclive/metrics.json"])
     assert summary["step"] == 7 and summary["val_bpd"] == resumed.summary["final_val_bpd"]
+
+
+def test_the_curves_leave_the_repository_alone(tmp_path):
+    """DVCLive only writes its files: in a git repository without commits or .dvc/ it neither fails nor runs `dvc
+    init` (the engine running the stage owns the repository)."""
+    import subprocess
+
+    from flowback.live import LiveLog
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    curves = LiveLog(tmp_path / "run", ("loss",))
+    curves.end([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}])
+    assert (tmp_path / "run" / "dvclive" / "plots" / "metrics" / "loss.tsv").read_text() == "step\tloss\n1\t2.0\n2\t1.5\n"
+    assert not (tmp_path / ".dvc").exists() and not (tmp_path / "dvc.yaml").exists()
