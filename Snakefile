@@ -5,14 +5,19 @@
 #   snakemake -j2 ablation_table                             what the tables need
 #   snakemake -j2 results/runs/baseline-s0/metrics.json      one run's chain, as far as that file
 #   snakemake -j2 experiment_reverse_78                      one experiment, every seed
-#   snakemake -j2 ablation_table --config params=profiles/imagenet64.yaml     (targets before --config)
+#   snakemake -j2 ablation_table --config params=profiles/imagenet64.yaml
+#   snakemake ablation_table --dag | dot -Tsvg > dag.svg     one box per instance, labelled with its rule name
+#   snakemake --report report.html                           the tables and figures, with captions from report/
+# Targets go before --config and --dag: --config takes every word after it (a target there becomes a bad config
+# entry), and --dag would read the next word as its output format.
 #
 # What reruns is decided by key files, exactly as DVC decides (flowback/pipeline.py): each instance's key hashes its
 # command, the params it reads, its code and its upstream keys, and the stage writes <results>/stamps/<name>.<key>.key
 # when it finishes (under either engine). That file is one of the rule's outputs, so a changed param or code file
 # means a missing output: the instance and everything downstream run, in a fresh clone too. Inputs are ancient() and
 # profiles/default sets the rerun triggers to file times only: .snakemake/ history plays no part. Threads come from
-# params (runtime.threads), never from the environment.
+# params (runtime.threads), never from the environment. Every rule names envs/flowback.yaml (the pinned dependencies)
+# for `--sdm conda`; without it the rules run in the environment snakemake runs in.
 import sys
 from pathlib import Path
 
@@ -92,4 +97,5 @@ for _inst in P.instances:
         threads: THREADS if _inst.stage != "table" else 1
         resources: **RESOURCES.get(_inst.stage, {})
         params: cmd=P.cmd(_inst)
+        conda: "envs/flowback.yaml"
         shell: "{params.cmd} 2>&1 | tee {log}"

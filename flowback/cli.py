@@ -9,6 +9,7 @@
   flowback weights import --from ml-tarflow|ml-starflow CKPT --params F --run RUN [--force]
                                                    a reference checkpoint as that run's model.pt (sample/evaluate/probe)
   flowback data verify [--params params.yaml]      re-read every shard of the prepared data against its manifest
+  flowback plots [DVC PLOTS SHOW OPTIONS]          `dvc plots show` with vega inlined: renders offline
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ def data_verify(path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plots"]:  # every later argument is dvc's
+        from .plots_offline import main as plots
+
+        return plots(argv[1:])
     parser = argparse.ArgumentParser(prog="flowback", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_stage = sub.add_parser("stage", help="run one stage of the pipeline (what dvc and snakemake call)")
@@ -159,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p_data = sub.add_parser("data", help="verify the prepared data shards")
     p_data.add_argument("action", choices=["verify"])
     p_data.add_argument("--params", default="params.yaml")
+    sub.add_parser("plots", help="`dvc plots show` with vega inlined from vl-convert-python: renders offline "
+                                 "(options are dvc's)")
     args = parser.parse_args(argv)
     if args.command == "stage":
         from .runner import main as run_stage

@@ -277,12 +277,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def save_csv(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Rows of one shape as a CSV with a header, atomically (rewritten whole: training logs stay small)."""
+    """Rows as a CSV with a header, atomically (rewritten whole: training logs stay small). The columns are every
+    row's keys in order of first appearance (a run resumed with validation turned on gains a column); a row without
+    one leaves its cell empty."""
     import csv
     import io as _io
 
     buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["step"])
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)) or ["step"])
     writer.writeheader()
     writer.writerows(rows)
     write_bytes(path, buf.getvalue().encode())

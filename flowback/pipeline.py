@@ -55,6 +55,8 @@ PLUMBING = frozenset({
     "flowback/errors.py", "flowback/progress.py",  # exception classes and progress bars
 })
 VALIDATION_ONLY = "# pipeline: validation only"
+# .dvc/plots/runs.json: DVC's linear plot, but one colour per run (DVC's own colours revisions and dashes files)
+PLOT_TEMPLATE = "runs"
 
 
 class PipelineError(FlowBackError):
@@ -367,20 +369,21 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------------- dvc.yaml
     def dvc_plots(self) -> list[dict]:
-        """`dvc plots show`: each family's training curves (its own log columns, one line per run), then the
-        figures of the whole grid (the table stage's) as image plots, which renders offline."""
-        from .families import family
-
-        logs: dict[str, list[str]] = {}
+        """`dvc plots show`: one figure per family and log field with a line per run (each run's `<field>.tsv`,
+        DVCLive's layout: flowback/live.py), then the figures of the whole grid (the table stage's PNGs) as image
+        plots, which render offline."""
+        curves: dict[tuple[str, str, str, str], list[str]] = {}
         for inst in self.instances:
-            if inst.outputs.plots:
-                logs.setdefault(inst.families[0], []).extend(inst.outputs.plots)
+            for path in inst.outputs.plots:
+                name = posixpath.splitext(posixpath.basename(path))[0]
+                x, y = inst.outputs.plot_axes.get(path, ("step", name))
+                curves.setdefault((inst.families[0], name, x, y), []).append(path)
         plots: list[dict] = []
-        for name, paths in logs.items():
-            title = {"tarflow": "flow", "af": "adversarial flow"}.get(name, name)
-            plots += [{f"{title}: {field}": {"x": "step", "y": {path: field for path in paths},
-                                             "title": f"{title} training: {field}"}}
-                      for field in family(name).log_fields]
+        for (family, name, x, y), paths in curves.items():
+            title = {"tarflow": "flow", "af": "adversarial flow"}.get(family, family)
+            what = f"training: {y}" if name == y else f"{name}: {y} by {x}"
+            plots.append({f"{title}: {name if name == y else f'{name} {y}'}": {
+                "x": x, "y": {path: y for path in paths}, "template": PLOT_TEMPLATE, "title": f"{title} {what}"}})
         images = [p for inst in self.instances if inst.run is None for p in inst.outputs.files if p.endswith(".png")]
         return plots + images
 

@@ -11,7 +11,8 @@ The loop is a few named parts:
 
 Determinism: every random draw of step s comes from `derive_seed(stream, seed, s)`, and batches walk seeded
 per-epoch permutations, so a run resumed from a checkpoint takes exactly the steps an uninterrupted run would: on CPU
-the weights come out bit-identical.
+the weights come out bit-identical. Validation (`train.val_every`) draws nothing at run time: its images and noise are
+fixed up front from their own seed, so training with it on or off gives the same weights.
 
 Safety: the resume state is written atomically every `checkpoint_every` steps (rank 0 only, streamed to disk), so a
 kill loses at most that many steps. A non-finite loss is detected on the device without a per-step host sync and
@@ -39,6 +40,7 @@ from .alignment.objective import AlignTargets, Objective, align_spec, make_proje
 from .builders import flow_config
 from .checkpoints import save_flow
 from .data.batches import Batch, Batches
+from .data.images import to_model
 from .distributed import barrier, broadcast_int
 from .errors import FlowBackError, Interrupted
 from .io import FlowBackFileError, load_torch, save_torch
@@ -225,6 +227,57 @@ def accumulate_gradients(objective_fn: nn.Module, x: torch.Tensor, y: torch.Tens
     return stats
 
 
+# ----------------------------------------------------------------------------------------------------- validation
+@dataclass(frozen=True)
+class ValidationSet:
+    """The fixed validation inputs: model-space images with their noise already added, and their labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def validation_set(inputs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, n: int, seed: int,
+                   noise_std: float) -> ValidationSet:
+    """The first `n` of a seeded permutation of the val split (uint8 images or model-space latents), each with one
+    fixed noise draw (the training noise's scale): the same set at every validation step, on every rank and resume.
+    Its own generators: no random stream of the training is touched."""
+    t = torch.as_tensor(inputs)
+    x = to_model(t) if t.dtype == torch.uint8 else t.float()
+    pick = torch.randperm(len(x), generator=generator("val-subset", seed))[:n]
+    x = x[pick]
+    noise = torch.randn(x.shape, generator=generator("val-noise", seed))
+    return ValidationSet(x + noise_std * noise, torch.as_tensor(labels)[pick].long())
+
+
+def load_validation(params) -> ValidationSet:
+    """The run's validation set from the prepared val split: its images, or in latent mode the un-flipped posterior
+    means (what the flow models, as the classifier reads them)."""
+    from .data.manifest import check_prepared, load_split, read_latents
+
+    if params.model.latent is None:
+        inputs, labels = load_split(params, "val")
+    else:
+        check_prepared(params)
+        latents = read_latents(params.data.dir, "val")
+        inputs, labels = np.ascontiguousarray(latents["mean"][:, 0], dtype=np.float32), latents["label"]
+    return validation_set(inputs, labels, params.train.val_images, params.train.seed, params.model.noise_std)
+
+
+@torch.no_grad()
+def validation_bpd(model: TARFlow, val: ValidationSet, batch: int, autocast: dict) -> float:
+    """Bits/dim of `model` on `val` (its class labels, no label drop), in eval mode, restoring the model's mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, len(val.x), batch):
+        x, y = val.x[i:i + batch].to(device), val.y[i:i + batch].to(device)
+        with torch.autocast(**autocast):
+            total += float(model.nll_per_dim(model(x, y))) * len(x)
+    model.train(was_training)
+    return float(bits_per_dim(total / len(val.x)))
+
+
 # ----------------------------------------------------------------------------------------------------------- loop
 @dataclass
 class TrainResult:
@@ -253,12 +306,15 @@ def train(
     on_step: Callable[[int], None] | None = None,
     on_log: Callable[[list[dict]], None] | None = None,
     milestones: dict[int, Path] | None = None,
+    val: ValidationSet | None = None,
 ) -> TrainResult:
     """Train exp's flow on `batches` (this rank's view); resume from `state_path` if it holds a state saved under the
     same `fingerprint` (the train stage's hash of the params that define the run; another one is set aside).
 
     `fixed_images`: the in-memory training set (uint8), whose alignment targets are then computed once.
     `milestones`: {step: path} where rank 0 saves the model (the EMA one if kept) after that step, like model.pt.
+    `val`: with train.val_every > 0, rank 0 logs `val_bpd` (validation_bpd of the model model.pt would hold: the EMA
+    one if kept) every val_every steps and at the last; the log's other rows hold None there.
     `on_step(step)` is called after each completed step (tests use it to simulate a crash); `on_log(log)` with the
     whole log so far after each new row, on rank 0 (the train stage writes train_log.csv from it).
     """
@@ -337,6 +393,9 @@ def train(
                 loss_v, nll_v, align_v = stats.tolist()
                 row = {"step": step + 1, "loss": loss_v, "bpd": float(bits_per_dim(nll_v)), "align": align_v, "lr": lr,
                        "grad_norm": float(grad_norm)}
+                if tp.val_every:
+                    due = val is not None and rank == 0 and ((step + 1) % tp.val_every == 0 or last)
+                    row["val_bpd"] = validation_bpd(state.final_model, val, plan.micro_batch, autocast) if due else None
                 state.log.append(row)
                 bar.set_postfix(bpd=f"{row['bpd']:.3f}", align=f"{row['align']:.3f}", refresh=False)
                 if on_log is not None and rank == 0:
@@ -364,6 +423,7 @@ def train(
         "steps": tp.steps,
         "final_bpd": float(np.mean([r["bpd"] for r in tail])),
         "final_align": float(np.mean([r["align"] for r in tail])) if spec else None,
+        "final_val_bpd": next((r["val_bpd"] for r in reversed(log) if r.get("val_bpd") is not None), None),
         "params_millions": sum(q.numel() for q in state.model.parameters()) / 1e6,
     }
     timing = {

@@ -217,3 +217,106 @@ def test_checkpoint_of_another_config_names_the_file(tmp_path):
     model, _ = load_flow(tmp_path / "model.pt", expected=out.model.cfg)
     assert torch.equal(next(iter(model.state_dict().values())), next(iter(out.model.state_dict().values())))
     assert not any(p.requires_grad for p in model.parameters())  # inference: no parameter gradients
+
+
+def logged_fit(exp, run_dir, enc=None, **kw):
+    """`fit` writing the curves as the train stage does: train_log.csv and the DVCLive files under `run_dir`."""
+    from flowback.io import save_csv
+    from flowback.live import LiveLog
+    from flowback.stages.train import live_fields
+
+    curves = LiveLog(run_dir, live_fields(exp))
+
+    def on_log(log):
+        save_csv(run_dir / "train_log.csv", log)
+        curves(log)
+
+    out = fit(exp, run_dir / "state.pt", enc, on_log=on_log, **kw)
+    save_csv(run_dir / "train_log.csv", out.log)
+    curves.end(out.log)
+    return out
+
+
+def files(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.suffix != ".pt"}
+
+
+def validation_of(exp, n=6):
+    from flowback.training import validation_set
+
+    images, labels = data()
+    return validation_set(images[:n + 2], labels[:n + 2], n, exp.params.train.seed, exp.params.model.noise_std)
+
+
+def test_validation_leaves_the_training_unchanged(tmp_path, one_thread):
+    """Validation draws from no training stream: the same weights and losses with it on or off."""
+    off = experiment("reverse", "7&8", steps=6)
+    on = experiment("reverse", "7&8", steps=6, val_every=2)
+    enc = encoder()
+    a = fit(off, tmp_path / "a.pt", enc)
+    b = fit(on, tmp_path / "b.pt", enc, val=validation_of(on))
+    for (n, wa), (_, wb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(wa, wb), n
+    assert [r["loss"] for r in a.log] == [r["loss"] for r in b.log]
+    vals = {r["step"]: r["val_bpd"] for r in b.log}
+    assert [s for s, v in vals.items() if v is not None] == [2, 4, 6]
+    assert 0 < vals[6] < 20 and vals[2] != vals[6]  # bits/dim of 8-bit data, and it measures the changing model
+    assert b.summary["final_val_bpd"] == vals[6] and a.summary["final_val_bpd"] is None
+
+
+def test_validation_is_a_fixed_subset_with_fixed_noise():
+    exp = experiment("none", None)
+    v1, v2 = validation_of(exp), validation_of(exp)
+    assert torch.equal(v1.x, v2.x) and torch.equal(v1.y, v2.y) and len(v1.x) == 6
+    images, _ = data()
+    clean = images[:8].float() / 127.5 - 1
+    assert not any(torch.equal(x, c) for x in v1.x for c in clean)  # noisy, as the training inputs are
+
+
+def test_val_every_must_be_a_multiple_of_log_every():
+    with pytest.raises(Exception, match="val_every 3 is not a multiple of log_every 2"):
+        experiment("none", None, log_every=2, val_every=3)
+
+
+@pytest.mark.parametrize("strategy, position", [("none", None), ("reverse", "7&8")])
+def test_a_resumed_run_writes_the_curves_an_uninterrupted_run_writes(tmp_path, one_thread, strategy, position):
+    """train_log.csv and every DVCLive file (tsv curves, metrics.json) come out byte for byte the same, with no
+    timestamps, when the run is killed after its last checkpoint and resumed."""
+    exp = experiment(strategy, position, val_every=2)
+    enc = encoder() if strategy != "none" else None
+    val = validation_of(exp)
+    logged_fit(exp, tmp_path / "a", enc, val=val)
+
+    def crash_at_5(step):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        logged_fit(exp, tmp_path / "b", enc, val=val, on_step=crash_at_5)
+    resumed = logged_fit(exp, tmp_path / "b", enc, val=val)
+    assert resumed.resumed_from == 3
+    full, again = files(tmp_path / "a"), files(tmp_path / "b")
+    assert full == again
+    assert {k for k in full if k.endswith(".tsv")} == {f"dvclive/plots/metrics/{f}.tsv" for f in
+                                                       ("bpd", "loss", "align", "lr", "grad_norm", "val_bpd")}
+    assert full["dvclive/plots/metrics/bpd.tsv"].decode().splitlines()[0] == "step\tbpd"  # no timestamp column
+    assert [line.split("\t")[0] for line in full["dvclive/plots/metrics/val_bpd.tsv"].decode().splitlines()] == \
+        ["step", "2", "4", "6", "7"]
+    import json
+
+    summary = json.loads(full["dvclive/metrics.json"])
+    assert summary["step"] == 7 and summary["val_bpd"] == resumed.summary["final_val_bpd"]
+
+
+def test_the_curves_leave_the_repository_alone(tmp_path):
+    """DVCLive only writes its files: in a git repository without commits or .dvc/ it neither fails nor runs `dvc
+    init` (the engine running the stage owns the repository)."""
+    import subprocess
+
+    from flowback.live import LiveLog
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    curves = LiveLog(tmp_path / "run", ("loss",))
+    curves.end([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}])
+    assert (tmp_path / "run" / "dvclive" / "plots" / "metrics" / "loss.tsv").read_text() == "step\tloss\n1\t2.0\n2\t1.5\n"
+    assert not (tmp_path / ".dvc").exists() and not (tmp_path / "dvc.yaml").exists()

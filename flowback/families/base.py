@@ -49,7 +49,7 @@ class Family:
     has_likelihood: bool = True  # training-free classifier and linear probes
     has_guidance: bool = False  # classifier-free guidance: a weight the sweep can choose
     saves_milestones: bool = False  # train.milestones: models saved along the way, read by milestone experiments
-    log_fields: tuple[str, ...] = ()  # train_log.csv columns worth a curve (besides step)
+    log_fields: tuple[str, ...] = ()  # log columns worth a curve (besides step): a DVCLive file each
 
     # -------------------------------------------------------------------------------------- params
     def check_experiment(self, spec: "ExperimentParams") -> None:

@@ -67,7 +67,7 @@ class TARFlowFamily(Family):
         from ..data.batches import run_batches
         from ..params import milestone_path
         from ..plan.train import resolve_train_plan
-        from ..training import train
+        from ..training import load_validation, train
 
         p = e.params
         batches, fixed_images = run_batches(p, p.train.batch_size, p.train.checkpoint_every, rank, world, device)
@@ -80,7 +80,8 @@ class TARFlowFamily(Family):
         state = e.run_dir / ".resume" / "state.pt"
         result = train(e, batches, state, fingerprint, device, rank, world, encoder=encoder,
                        fixed_images=fixed_images, plan=plan, show_progress=progress, on_log=on_log,
-                       milestones={m: milestone_path(e.run_dir, m) for m in p.train.milestones})
+                       milestones={m: milestone_path(e.run_dir, m) for m in p.train.milestones},
+                       val=load_validation(p) if p.train.val_every and rank == 0 else None)
         if rank != 0:
             return None
         weights = "ema" if p.train.ema_decay > 0 else "raw"

@@ -313,6 +313,11 @@ class TrainParams(Strict):
     milestones: list[int] = Field(default_factory=list, description="steps (< steps) at which the model is also "
                                   "saved, to milestones/step_<N>.pt: what `milestone:` experiments sample and score")
     log_every: int = Field(10, ge=1)
+    val_every: int = Field(0, ge=0, description="validation NLL (bits/dim, the log's val_bpd) every N steps and at the "
+                                               "last, on val_images fixed images of the held-out val split; a "
+                                               "multiple of log_every (it is a column of the log). 0 = off")
+    val_images: int = Field(256, ge=1, description="the validation subset: the first N of a seeded permutation of the "
+                                                   "val split (all of it when smaller), with fixed noise")
     seed: Seed = 0
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16: autocast (GPU training)")
     compile: bool = Field(False, description="wrap the training objective in torch.compile")
@@ -330,6 +335,9 @@ class TrainParams(Strict):
                              f"model is model.pt")
         if len(set(self.milestones)) != len(self.milestones):
             raise ValueError(f"milestones {self.milestones} repeat a step")
+        if self.val_every % self.log_every:
+            raise ValueError(f"val_every {self.val_every} is not a multiple of log_every {self.log_every} (validation "
+                             f"is a column of the log)")
         return self
 
 

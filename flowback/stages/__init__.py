@@ -23,7 +23,8 @@ from ..families.base import RUNTIME  # noqa: F401  (the keys flowback.runtime.co
 class Outputs:
     outs: list[str] = field(default_factory=list)  # large files DVC caches (models, samples, shards)
     metrics: list[str] = field(default_factory=list)  # the results a user diffs (kept in git): `dvc metrics show/diff`
-    plots: list[str] = field(default_factory=list)  # CSV curves: `dvc plots show`
+    plots: list[str] = field(default_factory=list)  # curves, one field a file named <field>.tsv: `dvc plots show`
+    plot_axes: dict[str, tuple[str, str]] = field(default_factory=dict)  # a plot that is a table: file -> (x, y)
     files: list[str] = field(default_factory=list)  # other small outputs kept in git (per-run records, tables, figures)
     persist: list[str] = field(default_factory=list)  # outputs DVC must not delete before the stage runs
     records: list[str] = field(default_factory=list)  # records of the machine (timings): not cached, not in git

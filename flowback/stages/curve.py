@@ -48,7 +48,7 @@ def inputs(e: Experiment) -> list[str]:
 
 def outputs(e: Experiment) -> Outputs:
     d = e.run_dir
-    return Outputs(files=[f"{d}/curve.json"], plots=[f"{d}/curve.csv"])
+    return Outputs(files=[f"{d}/curve.json"], plots=[f"{d}/curve.csv"], plot_axes={f"{d}/curve.csv": ("step", "fid")})
 
 
 def run(e: Experiment, progress: bool = True) -> str:

@@ -5,7 +5,8 @@ Writes results/runs/<run>/metrics.json (results only; DVC metrics). The referenc
 network, data or settings, is an error naming it. `cond_acc` is the metric network's accuracy at recognising each
 sample's conditioning class (when the network's classes are the data set's). A family with a likelihood also gets
 the training-free classifier's accuracy (`acc`, one gradient step) and, with metrics.exhaustive_classifier, the
-exhaustive one (`acc_exhaustive`, argmax_k log p(x|k)) on `metrics.classifier_split`.
+exhaustive one (`acc_exhaustive`, argmax_k log p(x|k)) on `metrics.classifier_split`. `weights` says which weights
+drew the samples and were scored: `ema` when the run keeps an EMA (the paper evaluates those), else `raw`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def inputs(e: Experiment) -> list[str]:
 
     p = e.params
     return [str(p.data.dir), f"{p.metrics.dir}/model.safetensors", str(reference_path(p).parent),
-            str(e.checkpoint), f"{e.run_dir}/samples.npz"]
+            str(e.checkpoint), f"{e.run_dir}/samples.npz", f"{e.run_dir}/sample.json"]
 
 
 def outputs(e: Experiment) -> Outputs:
@@ -37,7 +38,7 @@ def outputs(e: Experiment) -> Outputs:
 
 
 def run(e: Experiment, progress: bool = True) -> str:
-    from ..io import save_json
+    from ..io import load_json, save_json
     from ..metrics.evaluation import Scorer
     from ..metrics.generative import load_samples
     from ..runtime import configure
@@ -47,6 +48,7 @@ def run(e: Experiment, progress: bool = True) -> str:
     score = Scorer.load(p, dev)
     samples, labels = load_samples(e.run_dir / "samples.npz", p.data.channels, p.data.image_size)
     metrics = score(samples, labels, progress)
+    metrics["weights"] = load_json(e.run_dir / "sample.json").get("weights")  # ema or raw: what drew the samples
     metrics.update(family(e.family).classify(e, dev, progress))
     save_json(e.run_dir / "metrics.json", metrics)
     cond = f"  Cond. acc {metrics['cond_acc']:.1f}%" if metrics["cond_acc"] is not None else ""

@@ -38,7 +38,8 @@ def inputs(e: Experiment) -> list[str]:
 
 def outputs(e: Experiment) -> Outputs:
     d = e.run_dir
-    return Outputs(files=[f"{d}/sweep.json"], plots=[f"{d}/sweep.csv"], records=[f"{d}/sweep_timing.json"])
+    return Outputs(files=[f"{d}/sweep.json"], plots=[f"{d}/sweep.csv"], plot_axes={f"{d}/sweep.csv": ("scale", "fid")},
+                   records=[f"{d}/sweep_timing.json"])
 
 
 def run(e: Experiment, progress: bool = True) -> str:

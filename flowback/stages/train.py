@@ -4,10 +4,19 @@
     torchrun --nproc_per_node 8 -m flowback stage train baseline-s0      # DDP, one GPU per rank
 
 Outputs in results/runs/<run>/: model.pt (config + weights, the EMA ones when train.ema_decay > 0, and which in its
-meta), train.json (final losses: science), train_log.csv (the curves; rewritten atomically at every log step, so
-`dvc plots show` can follow a live run) and, not tracked, train_timing.json (seconds, images/s, the step plan). A
-killed run resumes from results/runs/<run>/.resume/state.pt when that state was saved under the same fingerprint: the
-params this stage reads, less those that only say how the steps are computed (NOT_FINGERPRINTED).
+meta), train.json (final losses: science), the curves twice, both rewritten at every log step so a live run can be
+followed, and, not tracked, train_timing.json (seconds, images/s, the step plan):
+- dvclive/ (flowback/live.py): one `<field>.tsv` per curve (the family's log fields: a flow's loss, bpd, align, lr,
+  grad_norm, and val_bpd when train.val_every > 0; the adversarial flow's d_loss, g_loss, ot) and metrics.json (the
+  latest values). The tsv files are `plots` (kept in git; dvc.yaml's top-level plots draw one line per run in each
+  field's figure) and metrics.json is a metric beside train.json, so `dvc plots show`, `dvc exp show` and `dvc metrics
+  diff` read them. They hold no timestamps: a re-run rewrites them byte for byte, dvc.lock stays put and git stays
+  clean.
+- train_log.csv: every column of the log in one file (kept in git, not a plot): what the table stage draws
+  training_curves.png from.
+A killed run resumes from results/runs/<run>/.resume/state.pt when that state was saved under the same fingerprint: the
+params this stage reads, less those that only say how the steps are computed or when they are measured
+(NOT_FINGERPRINTED). The log travels in that state, so a resumed run's curves equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -15,14 +24,15 @@ from __future__ import annotations
 import hashlib
 import json
 
+from .. import live
 from ..families import family
 from ..params import Experiment, values
 from . import RUNTIME, Outputs, Stage
 
 # how the steps are computed, not what they compute: changing one mid-run keeps the resume state
 NOT_FINGERPRINTED = ("train.micro_batch", "train.checkpointing", "train.compile", "train.workers", "train.log_every",
-                     "train.milestones", "runtime.device", "runtime.threads", "runtime.tf32",
-                     "runtime.gpu_memory_gib")
+                     "train.val_every", "train.val_images", "train.milestones", "runtime.device", "runtime.threads",
+                     "runtime.tf32", "runtime.gpu_memory_gib")
 
 
 def reads(e: Experiment) -> list[str]:
@@ -33,10 +43,17 @@ def inputs(e: Experiment) -> list[str]:
     return [str(e.params.data.dir), *family(e.family).train_inputs(e)]
 
 
+def live_fields(e: Experiment) -> tuple[str, ...]:
+    """The log fields with a curve (a DVCLive file each): the family's, and validation's when it is on."""
+    fam = family(e.family)
+    return fam.log_fields + (("val_bpd",) if fam.has_likelihood and e.params.train.val_every else ())
+
+
 def outputs(e: Experiment) -> Outputs:
     d = e.run_dir
-    return Outputs(outs=[f"{d}/model.pt", *family(e.family).train_outs(e)], files=[f"{d}/train.json"],
-                   plots=[f"{d}/train_log.csv"], records=[f"{d}/train_timing.json"])
+    return Outputs(outs=[f"{d}/model.pt", *family(e.family).train_outs(e)],
+                   files=[f"{d}/train.json", live.metrics_file(d), f"{d}/train_log.csv"],
+                   plots=[live.plot_file(d, f) for f in live_fields(e)], records=[f"{d}/train_timing.json"])
 
 
 def fingerprint(e: Experiment) -> str:
@@ -58,11 +75,17 @@ def run(e: Experiment, progress: bool = True) -> str:
 
     dev, rank, world = setup(configure(e.params.runtime))
     log_path = e.run_dir / "train_log.csv"
-    done = family(e.family).train(e, dev, rank, world, fingerprint(e), progress,
-                                  on_log=lambda log: save_csv(log_path, log))
+    curves = live.LiveLog(e.run_dir, live_fields(e)) if rank == 0 else None
+
+    def on_log(log: list[dict]) -> None:
+        save_csv(log_path, log)
+        curves(log)
+
+    done = family(e.family).train(e, dev, rank, world, fingerprint(e), progress, on_log=on_log)
     if done is None:  # ranks other than 0
         return ""
     save_csv(log_path, done.log)
+    curves.end(done.log)
     save_json(e.run_dir / "train.json", done.summary)
     save_json(e.run_dir / "train_timing.json", done.timing)
     return done.message
