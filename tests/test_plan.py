@@ -114,3 +114,15 @@ def test_flowback_plan_prints_a_table_and_the_max_peak(tmp_path):
     raw["model"].update(width=4096, head_dim=64, layers=8)  # a model that cannot fit in 8 GiB
     r = command("-m", "flowback", "plan", "--params", str(write_params(tmp_path, raw)), "--gpu-mem", "8")
     assert r.returncode == 2 and "run 'baseline-s0'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["--world", "-2"], ["--world", "0"], ["--world", "2.5"], ["--mfu", "0"],
+                                  ["--mfu", "-1"], ["--mfu", "40"], ["--mfu", "nan"], ["--peak-tflops", "0"],
+                                  ["--peak-tflops", "-989"], ["--peak-tflops", "inf"]])
+def test_a_bad_plan_option_is_a_one_line_error(args, capsys):
+    """Checked before the params are read or anything is measured: no traceback and no silently wrong plan."""
+    from flowback.cli import main
+
+    assert main(["plan", "--params", str(ROOT / "params.yaml"), "--gpu-mem", "80", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"flowback: error: {args[0]} {args[1]!r}: expected "), err
