@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from ..params import Experiment, Params
+from ..params import Params
 from .classifier import plan_classifier
-from .measure import GIB, H100_BF16_TFLOPS, HEADROOM, Choice, Measure, PlanError, _fake, _memo, inference_model, measure
+from .budget import CUBLAS_WORKSPACE, CUDA_CONTEXT, MARGIN, NCCL_BUFFERS, outside_allocator
+from .measure import GIB, H100_BF16_TFLOPS, Choice, Measure, PlanError, _fake, inference_model, measure
 from .sample import plan_sample
-from .train import plan_af, plan_train
+from .train import plan_af_train, plan_flow_train
 
 
 def encode_pass(params: Params, batch: int) -> Measure:
-    """One VAE encode batch of the latent profiles (image and flip: 2 x batch views)."""
+    """One VAE encode batch of the latent profiles (image and flip: 2 x batch views), in one process."""
     from ..models.vae import LatentCodec, vae_from_config
 
     lp, d = params.model.latent, params.data
     with _fake():
         codec = LatentCodec(vae_from_config(lp.vae_dir), lp.scale, batch)
         x = torch.randn(2 * batch, 3, d.image_size, d.image_size)
-        return measure(lambda: codec.encode_with_std(x), codec, x)
+        m = measure(lambda: codec.encode_with_std(x), codec, x)
+    return Measure(m.peak, m.flops, CUBLAS_WORKSPACE, outside_allocator(1))
 
 
 def world_size(launcher: str) -> int:
@@ -29,16 +31,6 @@ def world_size(launcher: str) -> int:
     n = re.search(r"--nproc[_-]per[_-]node[ =](\d+)", launcher)
     m = re.search(r"--nnodes[ =](\d+)(?::(\d+))?", launcher)
     return (int(n.group(1)) if n else 1) * (int(m.group(2) or m.group(1)) if m else 1)
-
-
-@_memo
-def forward_flops(exp: Experiment, batch: int) -> int:
-    """FLOPs of one forward pass (what KV-cached decoding computes per image, token by token)."""
-    with _fake():
-        model = inference_model(exp)
-        cfg = model.cfg
-        x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size)
-        return measure(lambda: model(x), model, x).flops
 
 
 def _val_images(params: Params) -> int:
@@ -54,17 +46,15 @@ def plan_rows(params: Params, world: int) -> list[tuple[Choice, float]]:
     for run in params.runs():
         exp = params.run(run)
         if exp.family == "af":
-            t = plan_af(exp, world)
+            t = plan_af_train(exp, world)
             rows.append((t, t.steps * t.measure.flops * world / 1e12 / 3600))
             continue
         if exp.trains:  # a milestone run samples another run's model
-            t = plan_train(exp, world)
-            rows.append((t, t.steps * t.measure.flops * t.accumulation * world / 1e12 / 3600))
-        s = plan_sample(exp)
+            t = plan_flow_train(exp, world)  # its FLOPs: one rank's whole step
+            rows.append((t, t.steps * t.measure.flops * world / 1e12 / 3600))
+        s = plan_sample(exp, world)
         n = exp.params.sample.per_class * exp.params.data.num_classes
-        guided = 2 if exp.params.sample.guidance.method != "none" and exp.params.sample.guidance.weight > 0 else 1
-        per_image = s.measure.flops / s.value + guided * forward_flops(exp, 1)
-        rows.append((s, n * per_image / 1e12 / 3600))
+        rows.append((s, n / s.value * s.measure.flops / 1e12 / 3600))
         c = plan_classifier(exp, _val_images(params))
         rows.append((c, c.steps * c.measure.flops / 1e12 / 3600))
     if params.data.format == "latent" and params.model.latent is not None:
@@ -86,8 +76,10 @@ def print_plan(path: str, gpu_mem: float | None = None, world: int | None = None
     world = world or world_size(params.runtime.launcher)
     budget = params.runtime.gpu_memory_gib
     out(f"{path}: memory plan for {world} GPU(s) per run with {budget:g} GiB each (peaks kept under "
-        f"{HEADROOM:.0%}: {budget * HEADROOM:.1f} GiB), measured on the real code under fake tensors; GPU-hours at "
+        f"{MARGIN:.0%}: {budget * MARGIN:.1f} GiB), measured on the real code under fake tensors; GPU-hours at "
         f"MFU {mfu:.0%} of {peak_tflops:g} TFLOP/s")
+    out(f"peaks: every tensor measured, plus cuBLAS and attention workspaces, the CUDA context "
+        f"({CUDA_CONTEXT / GIB:g} GiB) and, on 2+ GPUs, NCCL's buffers ({NCCL_BUFFERS / GIB:g} GiB); docs/scale.md")
     out("")
     out("| run | stage | peak / GPU (GiB) | TFLOP per step | choice | GPU-hours |")
     out("|---|---|---|---|---|---|")
@@ -99,15 +91,15 @@ def print_plan(path: str, gpu_mem: float | None = None, world: int | None = None
         if c.stage == "train":
             what = (f"micro-batch {c.value} x {c.accumulation} accumulation"
                     f"{', checkpointing' if c.checkpointing else ''}")
-            per_step = c.measure.flops * c.accumulation * world / 1e12
+            per_step = c.measure.flops * world / 1e12
         elif c.stage == "encode":
             what, per_step = f"VAE batch {c.value} (x2: image and flip)", c.measure.flops / 1e12
         else:
             what, per_step = f"batch {c.value}", c.measure.flops / 1e12
         note = " (a lower bound: KV-cached decoding runs far below training MFU)" if c.stage == "sample" else ""
-        out(f"| {c.run} | {c.stage} | {c.measure.peak / GIB:.1f} | {per_step:.1f} | {what} | {hours:,.1f}{note} |")
+        out(f"| {c.run} | {c.stage} | {c.measure.total / GIB:.1f} | {per_step:.1f} | {what} | {hours:,.1f}{note} |")
     out("")
     out(f"grid total: {total:,.0f} GPU-hours at MFU {mfu:.0%}")
-    peak = max(c.measure.peak for c, _ in rows) / GIB
+    peak = max(c.measure.total for c, _ in rows) / GIB
     out(f"max peak: {peak:.1f} GiB of {budget:g} GiB")
     return 0
