@@ -3,8 +3,8 @@
 Every byte one rank holds while it trains is on the path measured: the model, AdamW's state, the EMA, the alignment
 encoder's weights and targets (cached for an in-memory set, computed per step for streamed data), the batch, the
 previous step's gradients (freed only at the next zero_grad), DDP's gradient buffer (world > 1, plan/ddp.py), and
-the step itself run with two micro-batches when it accumulates: micro-batches 2..k run forward while every gradient
-of the first is held. Per-family functions: `plan_flow_train` (TARFlow / STARFlow), `plan_af_train` (adversarial
+the step's last micro-batch, which runs while the gradients of the others are held (with DDP, a second set beside
+its buffer). Per-family functions: `plan_flow_train` (TARFlow / STARFlow), `plan_af_train` (adversarial
 flows).
 """
 
@@ -110,15 +110,43 @@ class TrainRig:
                 self.ddp.bucket if self.ddp else None]
 
     def step(self, micro: int, accumulation: int) -> None:
-        """One optimizer step of training.train's loop: step inputs, targets, zero_grad, the micro-batches,
-        clipping, AdamW, EMA."""
-        from ..training import StepPlan, accumulate_gradients, step_inputs
+        """One optimizer step of training.train's loop: step inputs, targets, zero_grad, every micro-batch,
+        clipping, AdamW, EMA (what bench/gpu_check.py times and measures)."""
+        from ..training import StepPlan, accumulate_gradients
 
-        tp, st = self.exp.params.train, self.state
-        x, y = step_inputs(self.batch, 0, self.exp, 0, self.world)
-        tgt = self.targets(self.batch) if self.targets is not None else None
-        st.optimizer.zero_grad(set_to_none=True)
+        x, y, tgt = self._inputs()
+        self.state.optimizer.zero_grad(set_to_none=True)
         accumulate_gradients(self.objective, x, y, tgt, StepPlan(micro, accumulation), self.ddp, self.autocast)
+        self._update()
+
+    def hold_gradients(self, accumulation: int) -> None:
+        """The gradients the step's last micro-batch starts with: alone, the previous step's (views of DDP's buffer
+        on 2+ GPUs), freed at zero_grad; after k-1 others, those they accumulated, tensors of their own (DDP syncs
+        only the last micro-batch, ddp.py)."""
+        for q in self.state.parameters():
+            q.grad = self.ddp.views[q] if self.ddp is not None and accumulation == 1 else torch.zeros_like(q)
+
+    def last_micro_step(self, micro: int, accumulation: int) -> None:
+        """The step from its last micro-batch on, after hold_gradients(accumulation): step inputs and targets, the
+        last micro-batch (synchronised), clipping, AdamW, EMA. Micro-batches 2..k hold the same bytes and the first
+        holds less (no gradients yet), so this is the step's peak; tests/test_plan.py checks it against
+        MemTracker over a whole step of two micro-batches."""
+        from ..training import StepPlan, accumulate_gradients
+
+        x, y, tgt = self._inputs()
+        if accumulation == 1:
+            self.state.optimizer.zero_grad(set_to_none=True)
+        accumulate_gradients(self.objective, x, y, tgt, StepPlan(micro, 1), self.ddp, self.autocast)
+        self._update()
+
+    def _inputs(self):
+        from ..training import step_inputs
+
+        x, y = step_inputs(self.batch, 0, self.exp, 0, self.world)
+        return x, y, self.targets(self.batch) if self.targets is not None else None
+
+    def _update(self) -> None:
+        tp, st = self.exp.params.train, self.state
         torch.nn.utils.clip_grad_norm_(st.parameters(), tp.grad_clip if tp.grad_clip > 0 else float("inf"))
         st.optimizer.step()
         st.update_ema(tp.ema_decay)
@@ -140,15 +168,16 @@ def _rig(exp: Experiment, world: int, checkpointing: bool):
 
 @_memo("sample", "metrics", "af")
 def flow_train_step(exp: Experiment, world: int, micro: int, checkpointing: bool) -> Measure:
-    """One rank's optimizer step with `micro`-image micro-batches, measured with min(k, 2) of its k micro-batches
-    (micro-batches 2..k hold the same bytes); FLOPs are the whole step's."""
+    """One rank's optimizer step with `micro`-image micro-batches: the peak of its last micro-batch (TrainRig.
+    last_micro_step); FLOPs are the whole step's (the encoder once, every micro-batch)."""
     share = exp.params.train.batch_size // world
     k = share // micro
-    n = min(k, 2)
     mode, rig = _rig(exp, world, checkpointing)
-    with mode, counting(*rig.resident()) as live:
-        rig.step(micro, n)
-    flops = rig.encoder_flops + (live.flops - rig.encoder_flops) * k // n
+    with mode:
+        rig.hold_gradients(k)
+        with counting(*rig.resident()) as live:
+            rig.last_micro_step(micro, k)
+    flops = rig.encoder_flops + (live.flops - rig.encoder_flops) * k
     cfg = rig.state.model.cfg
     workspace = CUBLAS_WORKSPACE + attention_scratch(micro, cfg.num_tokens, cfg.width)
     return Measure(live.peak, flops, workspace, outside_allocator(world))
@@ -181,9 +210,10 @@ def plan_flow_train(exp: Experiment, world: int) -> Choice:
         return Choice(exp.run, "train", m, ckpt, share // m, step(m, ckpt), tp.steps)
 
     def largest(ckpt: bool) -> int | None:
-        if step(cands[-1], ckpt).total <= budget:  # the whole share at once: the usual answer, one measurement
-            return cands[-1]
-        return _largest(cands[:-1], lambda m: step(m, ckpt).total <= budget)
+        for m in cands[:-3:-1]:  # the largest two first: the usual answers (one or two measurements)
+            if step(m, ckpt).total <= budget:
+                return m
+        return _largest(cands[:-2], lambda m: step(m, ckpt).total <= budget)
 
     if tp.checkpointing == "auto":
         plain = largest(False)
