@@ -75,6 +75,7 @@ def test_the_plan_of_two_micro_steps_agrees_with_torchs_memory_tracker(strategy,
         with tracker:
             step()
         theirs = max(v.get("Total", 0) for v in tracker.get_tracker_snapshot("peak").values())
+    print(f"plan {ours} B, MemTracker {theirs} B over two micro-steps ({strategy})")
     assert abs(ours - theirs) / theirs < 0.10, (ours, theirs)
 
 

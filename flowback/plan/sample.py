@@ -15,6 +15,12 @@ from .measure import GIB, Choice, Measure, PlanError, _fake, _halvings, _largest
 _NOT_READ = ("train", "align", "encoder", "metrics", "af")  # params sections sampling never reads
 
 
+def denoise_sigma(exp: Experiment) -> float:
+    """The denoising step's sigma as the sample stage sets it (0: none; a fine-tuned decoder replaces it)."""
+    p = exp.params
+    return p.model.noise_std if p.sample.denoise and not p.decoder.enabled else 0.0
+
+
 @_memo(*_NOT_READ, strategy=False)
 def denoise_pass(exp: Experiment, micro: int) -> Measure:
     """The peak of sampling `micro` images on one GPU: one KV-cached decoding step of the largest block (its caches
@@ -42,9 +48,10 @@ def denoise_pass(exp: Experiment, micro: int) -> Measure:
                     blk.step(tok, i, cond, caches)
             del caches, tok, cond
             decoding = live.flops
-            if sp.denoise:
-                denoise(model, x, y, exp.params.model.noise_std)
-    workspace = CUBLAS_WORKSPACE + (attention_scratch(micro, cfg.num_tokens, cfg.width) if sp.denoise else 0)
+            if denoise_sigma(exp) > 0:
+                denoise(model, x, y, denoise_sigma(exp))
+    scratch = attention_scratch(micro, cfg.num_tokens, cfg.width) if denoise_sigma(exp) > 0 else 0
+    workspace = CUBLAS_WORKSPACE + scratch
     return Measure(live.peak, live.flops - decoding, workspace, outside_allocator(1))
 
 
@@ -79,7 +86,7 @@ def sampling_flops(exp: Experiment, images: int) -> int:
     blocks = block_flops(exp)
     n = len(blocks)
     decode = sum(f * (2 if cond and g.applies_to(t, n) else 1) for t, (f, cond) in enumerate(blocks, start=1))
-    den = denoise_pass(exp, images).flops if sp.denoise else 0
+    den = denoise_pass(exp, images).flops
     return images * decode + den
 
 

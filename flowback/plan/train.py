@@ -14,6 +14,7 @@ import torch
 
 from ..params import Experiment
 from .budget import CUBLAS_WORKSPACE, attention_scratch, outside_allocator, usable
+from .ddp import BucketViews
 from .measure import EFFICIENT_MICRO, GIB, Choice, Measure, PlanError, _divisors, _fake, _largest, _memo, counting
 
 
@@ -54,12 +55,13 @@ def in_memory_images(exp: Experiment) -> int | None:
 
 class TrainRig:
     """One rank of training.train on `device`: its state, encoder, targets, batch and step, built as the train stage
-    builds them, so the plan (fake tensors) and bench/gpu_check.py (a GPU) count the same bytes."""
+    builds them, so the plan (fake tensors) and bench/gpu_check.py (a GPU) count the same bytes. On 2+ GPUs the
+    gradients are those of DDP (ddp.py's stand-in; real_ddp: DDP itself, in an initialised process group)."""
 
-    def __init__(self, exp: Experiment, world: int, checkpointing: bool, device: torch.device):
+    def __init__(self, exp: Experiment, world: int, checkpointing: bool, device: torch.device,
+                 real_ddp: bool = False):
         from ..data.batches import Batch
         from ..training import AlignTargets, Objective, TrainState, align_spec, checkpoint_layers
-        from .ddp import BucketViews
 
         p, tp = exp.params, exp.params.train
         self.exp, self.world, self.share = exp, world, tp.batch_size // world
@@ -84,7 +86,13 @@ class TrainRig:
             self.batch = Batch(x, y, pixels=pixels)
         self.objective = Objective(st.model, st.projectors, spec, p.align.weight if spec else 0.0,
                                    tp.latent_norm_weight, p.align.position_reduce if spec else "mean")
-        self.ddp = BucketViews(st.parameters()) if world > 1 else None
+        self.ddp = None
+        if world > 1 and real_ddp:
+            self.ddp = self.objective = torch.nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[device.index] if device.type == "cuda" else None,
+                gradient_as_bucket_view=True)  # as training.train wraps it
+        elif world > 1:
+            self.ddp = BucketViews(st.parameters())
         self.encoder_flops = 0
         if self.targets is not None and self.targets.cache is None:
             with counting() as live:
@@ -95,7 +103,7 @@ class TrainRig:
     def _after_a_step(self) -> None:
         """AdamW's state and the previous step's gradients, as after a real step (no forward pass needed)."""
         params = self.state.parameters()
-        if self.ddp is not None:
+        if isinstance(self.ddp, BucketViews):
             self.ddp.assign()
         else:
             for q in params:
@@ -107,7 +115,7 @@ class TrainRig:
         st, t = self.state, self.targets
         return [st.model, st.projectors, st.optimizer, st.ema, self.batch.x, self.batch.y, self.batch.index,
                 self.batch.pixels, t.encoder if t else None, t.cache if t else None,
-                self.ddp.bucket if self.ddp else None]
+                getattr(self.ddp, "bucket", None)]
 
     def step(self, micro: int, accumulation: int) -> None:
         """One optimizer step of training.train's loop: step inputs, targets, zero_grad, every micro-batch,
