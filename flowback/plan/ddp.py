@@ -1,8 +1,8 @@
 """DDP's gradient memory without a process group: what the plan (fake tensors) and gpu_check (one GPU) count for a
 multi-GPU training step.
 
-training.train wraps the objective in DistributedDataParallel(gradient_as_bucket_view=True): DDP allocates one flat
-buffer for every parameter's gradient when it is built, and it stays resident for the whole run. In a synchronised
+training.train wraps the objective in DistributedDataParallel(gradient_as_bucket_view=True): when it is built DDP
+allocates buckets (25 MiB each) that hold every parameter's gradient, resident for the whole run. In a synchronised
 backward each gradient, as it is accumulated, is copied into its view of that buffer and the view replaces it. Under
 `no_sync()` (every micro-batch but the last) DDP does nothing, so after zero_grad(set_to_none=True) the gradients
 are tensors of their own: with gradient accumulation a rank holds two full sets of gradients (its own and the
@@ -16,6 +16,14 @@ import contextlib
 import torch
 
 
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 class BucketViews:
     """Stands in for DDP(gradient_as_bucket_view=True) in accumulate_gradients (its `ddp` argument: `no_sync()`)."""
 
@@ -25,8 +33,8 @@ class BucketViews:
         self.bucket = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
         self.views: dict[torch.nn.Parameter, torch.Tensor] = {}
         offset = 0
-        for p in params:
-            self.views[p] = self.bucket[offset : offset + p.numel()].view_as(p)
+        for p in params:  # as_strided: a slice's view_as takes milliseconds per parameter under fake tensors
+            self.views[p] = self.bucket.as_strided(p.shape, _contiguous_strides(p.shape), offset)
             offset += p.numel()
             p.register_post_accumulate_grad_hook(self._ready)
         self.sync = True

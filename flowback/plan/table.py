@@ -8,6 +8,7 @@ from ..params import Params
 from .classifier import plan_classifier
 from .budget import CUBLAS_WORKSPACE, CUDA_CONTEXT, MARGIN, NCCL_BUFFERS, outside_allocator
 from .measure import GIB, H100_BF16_TFLOPS, Choice, Measure, PlanError, _fake, inference_model, measure
+from .prefetch import prefetch
 from .sample import plan_sample
 from .train import plan_af_train, plan_flow_train
 
@@ -83,6 +84,7 @@ def print_plan(path: str, gpu_mem: float | None = None, world: int | None = None
     out("")
     out("| run | stage | peak / GPU (GiB) | TFLOP per step | choice | GPU-hours |")
     out("|---|---|---|---|---|---|")
+    prefetch(params, world, _val_images(params))  # the distinct configurations, measured on every core at once
     rows = plan_rows(params, world)
     total = 0.0
     for c, tflop_hours in rows:

@@ -15,7 +15,7 @@ import torch
 from ..params import Experiment
 from .budget import CUBLAS_WORKSPACE, attention_scratch, outside_allocator, usable
 from .ddp import BucketViews
-from .measure import EFFICIENT_MICRO, GIB, Choice, Measure, PlanError, _divisors, _fake, _largest, _memo, counting
+from .measure import EFFICIENT_MICRO, GIB, Choice, Measure, PlanError, _divisors, _fake, _memo, counting
 
 
 def alignment_encoder(exp: Experiment, device: torch.device):
@@ -155,7 +155,9 @@ class TrainRig:
 
     def _update(self) -> None:
         tp, st = self.exp.params.train, self.state
-        torch.nn.utils.clip_grad_norm_(st.parameters(), tp.grad_clip if tp.grad_clip > 0 else float("inf"))
+        # foreach, as clip_grad_norm_ chooses for real tensors (fake ones fall back to a slow per-parameter loop)
+        torch.nn.utils.clip_grad_norm_(st.parameters(), tp.grad_clip if tp.grad_clip > 0 else float("inf"),
+                                       foreach=True)
         st.optimizer.step()
         st.update_ema(tp.ema_decay)
 
@@ -218,10 +220,10 @@ def plan_flow_train(exp: Experiment, world: int) -> Choice:
         return Choice(exp.run, "train", m, ckpt, share // m, step(m, ckpt), tp.steps)
 
     def largest(ckpt: bool) -> int | None:
-        for m in cands[:-3:-1]:  # the largest two first: the usual answers (one or two measurements)
+        for m in reversed(cands):  # from the whole share down: the answer is usually among the largest two
             if step(m, ckpt).total <= budget:
                 return m
-        return _largest(cands[:-2], lambda m: step(m, ckpt).total <= budget)
+        return None
 
     if tp.checkpointing == "auto":
         plain = largest(False)
