@@ -210,3 +210,35 @@ def test_a_bad_plan_option_is_a_one_line_error(args, capsys):
     assert main(["plan", "--params", str(ROOT / "params.yaml"), "--gpu-mem", "80", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"flowback: error: {args[0]} {args[1]!r}: expected "), err
+
+
+def test_measurements_made_in_parallel_are_the_ones_the_table_reads(capsys):
+    """prefetch measures every distinct configuration in forked processes; the table then measures nothing more,
+    and chooses what measuring in order chooses. Seeds share measurements."""
+    from flowback.plan import measure
+    from flowback.plan.prefetch import prefetch, tasks
+    from flowback.plan.table import plan_rows
+
+    raw = {
+        "model": {"patch_size": 2, "width": 32, "blocks": 2, "layers": 2, "head_dim": 16, "mlp_ratio": 2},
+        "train": {"batch_size": 8, "micro_batch": "auto"}, "align": {"projector_dim": 32},
+        "encoder": {"arch": "vit_small_patch14_dinov2", "kwargs": {"img_size": 16, "patch_size": 4, "in_chans": 1,
+                                                                  "embed_dim": 32, "depth": 1, "num_heads": 2}},
+        "sample": {"micro_batch": "auto", "batch_size": 8}, "metrics": {"classifier_batch_size": 8},
+        "experiments": {"a": {"strategy": "none", "seeds": [0, 1]}, "b": {"strategy": "reverse", "position": "2"}},
+    }
+    b = validate(raw).run("b-s0")  # a budget that fits micro-batch 4 of run b, not 8
+    raw["runtime"] = {"gpu_memory_gib": (flow_train_step(b, 1, 4, False).total + flow_train_step(b, 1, 8, False).total)
+                      / 2 / MARGIN / GIB}
+    params = validate(raw)
+    assert [k for k, _ in tasks(params)] == ["infer", "train", "train"]  # a-s0 and a-s1 are one configuration
+    measure._MEMO.clear()
+    prefetch(params, 1, 100, jobs=2)
+    held = dict(measure._MEMO)
+    capsys.readouterr()
+    parallel = plan_rows(params, 1)
+    assert measure._MEMO == held and "plan:" not in capsys.readouterr().err  # nothing measured again
+    measure._MEMO.clear()
+    in_order = plan_rows(params, 1)
+    assert [c for c, _ in parallel] == [c for c, _ in in_order]
+    assert [(c.run, c.value) for c, _ in in_order if c.stage == "train"] == [("a-s0", 8), ("a-s1", 8), ("b-s0", 4)]

@@ -1,5 +1,5 @@
-"""Measuring a grid's distinct configurations in parallel: one forked process per core, each planning whole runs,
-their measurements merged into this process's memo, so `flowback plan` then reads them in order.
+"""Measuring a grid's distinct configurations in parallel: one process per core, each planning whole runs, their
+measurements merged into this process's memo, so `flowback plan` then reads them in order.
 
 Fake-tensor measurement is Python-bound (one core each); runs that share a configuration (seeds, milestones)
 share its measurements anyway (measure._memo), so the work is split by configuration, not by run.
@@ -13,7 +13,11 @@ import os
 from ..params import Params
 from . import measure
 
-_STATE: dict = {}  # what forked workers read: params, world, val_images
+_STATE: dict = {}  # a worker's params, world, val_images
+
+
+def _init(params: Params, world: int, val_images: int) -> None:
+    _STATE.update(params=params, world=world, val_images=val_images)
 
 
 def _plan_one(task: tuple[str, str]) -> dict:
@@ -56,10 +60,12 @@ def prefetch(params: Params, world: int, val_images: int, jobs: int | None = Non
     jobs = min(jobs or len(os.sched_getaffinity(0)), len(todo))
     if jobs < 2:
         return
-    _STATE.update(params=params, world=world, val_images=val_images)
-    # fork: the workers share this process's imports; nothing here has started a thread pool (fake tensors compute
-    # nothing)
-    with mp.get_context("fork").Pool(jobs) as pool:
+    # forkserver: forked from a fresh process that imported the planning code once (a plain fork of a process that
+    # has run a backward pass cannot run another: autograd's threads)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "timm", "flowback.plan.train", "flowback.plan.sample",
+                                "flowback.plan.classifier"])
+    with ctx.Pool(jobs, initializer=_init, initargs=(params, world, val_images)) as pool:
         for memo in pool.imap_unordered(_plan_one, todo):
             for key, value in memo.items():
                 measure._MEMO.setdefault(key, value)
