@@ -153,6 +153,12 @@ def test_accumulation_holds_the_gradients_and_ddp_its_buffer():
     assert ddp.outside - alone.outside == NCCL_BUFFERS
 
 
+def test_the_ema_is_one_more_copy_of_the_weights():
+    weights = gradient_bytes(experiment())  # fp32 weights and gradients have one size
+    with_ema = flow_train_step(experiment(ema_decay=0.5), 1, 8, False).peak
+    assert with_ema - flow_train_step(experiment(), 1, 8, False).peak == weights
+
+
 def test_a_tight_budget_is_met_by_accumulation_then_checkpointing():
     probe = experiment()
     full = flow_train_step(probe, 1, 16, False).total

@@ -60,6 +60,8 @@ class TrainRig:
 
     def __init__(self, exp: Experiment, world: int, checkpointing: bool, device: torch.device,
                  real_ddp: bool = False):
+        from torch._guards import detect_fake_mode
+
         from ..data.batches import Batch
         from ..training import AlignTargets, Objective, TrainState, align_spec, checkpoint_layers
 
@@ -68,6 +70,9 @@ class TrainRig:
         spec = align_spec(exp)
         encoder = alignment_encoder(exp, device) if spec else None
         self.state = st = TrainState(exp, encoder.dim if encoder else 0, device)
+        if st.ema is not None and detect_fake_mode() is not None:
+            # deepcopy (TrainState's EMA) gives a fake module its own fake mode: rebuild the EMA in this one
+            st.ema = type(st.model)(st.model.cfg).requires_grad_(False)
         if checkpointing:
             checkpoint_layers(st.model)
         self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tp.dtype == "bfloat16")
