@@ -65,8 +65,8 @@ class Device:
     """Where rows run, and what the CUDA allocator saw."""
 
     def __init__(self):
-        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.cuda = self.dev.type == "cuda"
+        self.cuda = torch.cuda.is_available()
+        self.dev = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.context = 0  # set by the cuda context row
 
     def sync(self):
@@ -182,7 +182,8 @@ def ddp_row(env: Device, params, world: int) -> dict:
 
     used = (lambda: torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) if env.cuda else (lambda: 0)
     before = used()
-    store = dist.FileStore(tempfile.mktemp(prefix="gpu_check_store_"), 1)
+    path = Path(tempfile.mkdtemp(prefix="gpu_check_")) / "store"
+    store = dist.FileStore(str(path), 1)
     dist.init_process_group("nccl" if env.cuda else "gloo", store=store, rank=0, world_size=1,
                             **({"device_id": env.dev} if env.cuda else {}))
     try:
@@ -202,6 +203,8 @@ def ddp_row(env: Device, params, world: int) -> dict:
                 **cols, "plan_device_gib": cols["plan_device_gib"] + nccl / GIB}
     finally:
         dist.destroy_process_group()
+        path.unlink(missing_ok=True)
+        path.parent.rmdir()
 
 
 def rows(compile_: bool) -> list[tuple[str, str, object]]:

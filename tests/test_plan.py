@@ -6,12 +6,11 @@ import contextlib
 import pytest
 import torch
 from conftest import ROOT, command, default_raw, write_params
-
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flowback.params import validate
-from flowback.plan.classifier import classifier_pass
 from flowback.plan.budget import MARGIN
+from flowback.plan.classifier import classifier_pass
 from flowback.plan.measure import GIB, PlanError
 from flowback.plan.sample import denoise_pass
 from flowback.plan.table import world_size

@@ -84,30 +84,24 @@ def _causal(func, args, kwargs) -> bool:
 
 def storages(*objects) -> list[torch.UntypedStorage]:
     """The distinct storages of all tensors in modules (parameters, their gradients, buffers) / optimizers (state) /
-    tensors / containers."""
+    tensors / containers. Iterative: a recursive closure would be a reference cycle holding every storage it saw
+    until the next garbage collection (measurements run with the collector off)."""
     seen: dict[int, torch.UntypedStorage] = {}
-
-    def visit(x):
+    todo = list(objects)
+    while todo:
+        x = todo.pop()
         if isinstance(x, torch.Tensor):
             st = x.untyped_storage()
             seen.setdefault(id(st), st)
         elif isinstance(x, torch.nn.Module):
             for t in list(x.parameters()) + list(x.buffers()):
-                visit(t)
-                visit(t.grad)  # gradients held from the previous step
+                todo += [t, t.grad]  # gradients held from the previous step
         elif isinstance(x, torch.optim.Optimizer):
-            for s in x.state.values():
-                for v in s.values():
-                    visit(v)
+            todo += [v for state in x.state.values() for v in state.values()]
         elif isinstance(x, dict):
-            for v in x.values():
-                visit(v)
+            todo += list(x.values())
         elif isinstance(x, (list, tuple)):
-            for v in x:
-                visit(v)
-
-    for o in objects:
-        visit(o)
+            todo += list(x)
     return list(seen.values())
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..params import Params
-from .classifier import plan_classifier
 from .budget import CUBLAS_WORKSPACE, CUDA_CONTEXT, MARGIN, NCCL_BUFFERS, outside_allocator
-from .measure import GIB, H100_BF16_TFLOPS, Choice, Measure, PlanError, _fake, inference_model, measure
+from .classifier import plan_classifier
+from .measure import GIB, H100_BF16_TFLOPS, Choice, Measure, PlanError, _fake, measure
 from .prefetch import prefetch
 from .sample import plan_sample
 from .train import plan_af_train, plan_flow_train

@@ -264,7 +264,8 @@ def af_train_step(exp: Experiment, world: int, batch: int) -> Measure:
     """One step of an adversarial flow (a D update and a G update) on `batch` images, after a first step. Its
     gradients are all-reduced one by one (af_objective.py), with no DDP buffer."""
     from ..builders import af_config, af_train_config
-    from ..models.af_objective import AFState, af_train_step as af_step_fn
+    from ..models.af_objective import AFState
+    from ..models.af_objective import af_train_step as af_step_fn
 
     with _fake():
         cfg = af_config(exp.params)
