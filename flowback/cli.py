@@ -59,7 +59,22 @@ def plan(args: argparse.Namespace) -> int:
     from .plan.table import print_plan
 
     gpu_mem = None if args.gpu_mem is None else _gib(args.gpu_mem)
-    return print_plan(args.params, gpu_mem, args.world, args.mfu, args.peak_tflops)
+    world = None if args.world is None else _number("--world", args.world, int, "a positive whole number of GPUs per run, e.g. --world 8")
+    mfu = _number("--mfu", args.mfu, float, "a fraction of the peak in (0, 1], e.g. --mfu 0.4", upper=1.0)
+    peak = _number("--peak-tflops", args.peak_tflops, float, "the GPU's positive peak TFLOP/s, e.g. --peak-tflops 989")
+    return print_plan(args.params, gpu_mem, world, mfu, peak)
+
+
+def _number(flag: str, text: str, kind: type, expected: str, upper: float = float("inf")):
+    """A positive number (at most `upper`) or one line naming the flag: 0, negatives, nan and inf would print a
+    silently wrong plan or a traceback."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise FlowBackError(f"{flag} {text!r}: expected {expected}") from None
+    if not 0 < value <= upper or value == float("inf"):
+        raise FlowBackError(f"{flag} {text!r}: expected {expected}")
+    return value
 
 
 def _gib(text: str) -> float:
@@ -138,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("--params", default="params.yaml")
     p_plan.add_argument("--gpu-mem", default=None, metavar="GiB",
                         help="memory per GPU to plan for (default: runtime.gpu_memory_gib)")
-    p_plan.add_argument("--world", type=int, default=None, help="GPUs per run (default: from runtime.launcher)")
-    p_plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for GPU-hours (default 0.4)")
-    p_plan.add_argument("--peak-tflops", type=float, default=989.0,
+    p_plan.add_argument("--world", default=None, help="GPUs per run (default: from runtime.launcher)")
+    p_plan.add_argument("--mfu", default="0.4", help="model FLOPs utilisation for GPU-hours (default 0.4)")
+    p_plan.add_argument("--peak-tflops", default="989.0",
                         help="GPU peak TFLOP/s for GPU-hours (default: H100 SXM dense bf16, 989)")
     p_pipe = sub.add_parser("pipeline", help="write dvc.yaml from params.yaml and the code (--check: only compare)")
     p_pipe.add_argument("--params", default="params.yaml")

@@ -6,8 +6,9 @@ import timm
 import torch
 
 from flowback.alignment.encoder import EncoderConfig, FrozenEncoder
+from flowback.alignment.objective import AlignTargets, Objective, align_spec
 from flowback.params import ParamsError, validate
-from flowback.training import AlignTargets, Objective, TrainState, align_spec
+from flowback.training import TrainState
 
 CPU = torch.device("cpu")
 NO_AUTOCAST = {"device_type": "cpu", "enabled": False}

@@ -19,30 +19,23 @@ def tiny_config():
     del bench_train.CONFIGS["tiny"]
 
 
-def table_rows(out: str) -> list[list[str]]:
-    lines = [ln for ln in out.splitlines() if ln.startswith("| ")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:6] == ["case", "step time (s)", "images/s", "GFLOP/step", "achieved TFLOP/s", "MFU"]
-    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
-
-
 def test_train_bench_table(tiny_config, capsys):
+    """Read from the rows main() returns (full precision), not the printed table: a busy machine rounds a tiny
+    model's TFLOP/s to 0.0000 there."""
     rows = bench_train.main(["--config", tiny_config, "--device", "cpu", "--repeat", "1"])
-    out = capsys.readouterr().out
-    printed = table_rows(out)
-    assert [r[0] for r in printed] == ["TARFlow baseline", "R-REPA 7&8", "sampling, KV cache"]
-    for r in printed:
-        step, ips, gflop, tflops, mfu = (float(v) for v in r[1:6])
-        assert step > 0 and ips > 0 and gflop > 0 and tflops > 0, r
-        assert 0 < mfu < 1, r
-    assert printed[2][7] != "-" and float(printed[2][7]) > 0  # hours for 50K samples
+    assert [r["case"] for r in rows] == ["TARFlow baseline", "R-REPA 7&8", "sampling, KV cache"]
+    for r in rows:
+        assert r["seconds"] > 0 and r["images_per_second"] > 0 and r["flops"] > 0 and r["tflops"] > 0, r
+        assert 0 < r["mfu"] < 1, r
+        assert abs(r["images_per_second"] - r["images"] / r["seconds"]) <= 1e-9 * r["images_per_second"]
+    assert rows[2].get("sampling") and not rows[0].get("sampling")  # the sampling row prints hours for 50K images
+    assert "| sampling, KV cache |" in capsys.readouterr().out
 
     cfg = bench_train.FlowConfig(**bench_train.CONFIGS[tiny_config]["flow"])
     base, rrepa = rows[0], rows[1]
     six_n = 6 * bench_train.linear_params(cfg) * cfg.num_tokens * base["images"]
     assert base["flops"] >= six_n  # forward (2N) + backward (4N) per token, plus attention
     assert rrepa["flops"] > base["flops"]  # the pseudo-reverse passes and projectors add work
-    assert abs(base["images_per_second"] - base["images"] / base["seconds"]) < 1e-9
 
 
 def test_flop_count_includes_backward():

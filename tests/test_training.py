@@ -6,15 +6,22 @@ import timm
 import torch
 
 from flowback.alignment.encoder import EncoderConfig, FrozenEncoder
-from flowback.stages.train import fingerprint
-from flowback.training import align_spec
+from flowback.alignment.objective import AlignTargets, Objective, align_spec
 from flowback.checkpoints import load_flow, save_flow
 from flowback.data.batches import MemoryBatches, batch_indices
 from flowback.io import FlowBackFileError
 from flowback.params import validate
-from flowback.training import (AlignTargets, Objective, StepPlan, TrainingError, TrainState, accumulate_gradients,
-                               checkpoint_layers, step_inputs, train)
 from flowback.schedule import learning_rate
+from flowback.stages.train import fingerprint
+from flowback.training import (
+    StepPlan,
+    TrainingError,
+    TrainState,
+    accumulate_gradients,
+    checkpoint_layers,
+    step_inputs,
+    train,
+)
 
 CPU = torch.device("cpu")
 

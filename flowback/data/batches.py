@@ -10,7 +10,8 @@ step `s` a deterministic batch, so a run resumed from a checkpoint takes the ste
   needs no replay of the data already seen: the state on disk always sits at a segment boundary. Random horizontal
   flips (TARFlow's RandomHorizontalFlip) are drawn per sample from (seed, step, rank). Latent shards give the stored
   posterior mean of the image or of its flip (both were encoded by `flowback.data.latents`), and the matching pixels
-  (PNG crop, flipped alike) for the alignment encoder.
+  (PNG crop, flipped alike) for the alignment encoder. With `pin_memory` the batch it builds (flipped, converted)
+  is pinned, so the copy to the GPU overlaps the step.
 """
 
 from __future__ import annotations
@@ -33,11 +34,19 @@ class Batch:
     pixels: torch.Tensor | None = None  # uint8 images for the alignment encoder (streamed data)
 
     def to(self, device: torch.device) -> "Batch":
-        """Copy to `device`; pinned host memory makes the copies asynchronous."""
+        """Copy to `device`; from pinned host memory (`pinned()`) the copies are asynchronous, from pageable memory
+        `non_blocking` has no effect and each copy waits."""
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
 
         return replace(self, x=move(self.x), y=move(self.y), index=move(self.index), pixels=move(self.pixels))
+
+    def pinned(self) -> "Batch":
+        """The same tensors in page-locked host memory (needs CUDA)."""
+        def pin(t):
+            return None if t is None else t.pin_memory()
+
+        return replace(self, x=pin(self.x), y=pin(self.y), index=pin(self.index), pixels=pin(self.pixels))
 
 
 class Batches(Protocol):
@@ -100,7 +109,7 @@ class ShardBatches:
 
         loader = make_loader(self.directory, self.split, self.per_rank, rank=self.rank, world=self.world,
                              workers=self.workers, resampled=True, seed=derive_seed("shards", self.seed, segment),
-                             shuffle_buffer=self.shuffle_buffer, batches=self.segment, pin_memory=self.pin_memory)
+                             shuffle_buffer=self.shuffle_buffer, batches=self.segment)  # get() pins what it builds
         self._segment, self._it, self._next_step = segment, iter(loader), segment * self.segment
 
     def get(self, step: int) -> Batch:
@@ -122,7 +131,8 @@ class ShardBatches:
             x = raw["mean"][torch.arange(b), flip.long()].float()  # the stored encoding of the image or its flip
         else:
             x = to_model(pixels)
-        return Batch(x, raw["label"], pixels=pixels)
+        batch = Batch(x, raw["label"], pixels=pixels)
+        return batch.pinned() if self.pin_memory else batch  # the tensors built here, not the loader's, are copied
 
 
 def run_batches(params, batch_size: int, segment: int, rank: int, world: int, device):

@@ -116,10 +116,10 @@ class AFFamily(Family):
 
         from ..af_training import train_af
         from ..data.batches import run_batches
-        from ..plan.af import plan_af
+        from ..plan.af import plan_af_train
 
         p, at = e.params, e.params.af.train
-        plan_af(e, world, af_config(p), af_train_config(p))  # a step that cannot fit the budget stops here, first
+        plan_af_train(e, world, af_config(p), af_train_config(p))  # a step that cannot fit the budget stops here, first
         batches, _ = run_batches(p, at.batch_size, at.checkpoint_every, rank, world, device)
         state_path = e.run_dir / ".resume" / "state.pt"
         t0 = time.perf_counter()
@@ -187,9 +187,9 @@ class AFFamily(Family):
 
     # ------------------------------------------------------------------------------------------ plan
     def plan(self, e: "Experiment", world: int, val_images: int) -> list:
-        from ..plan.af import plan_af
+        from ..plan.af import plan_af_train
 
-        t = plan_af(e, world, af_config(e.params), af_train_config(e.params))
+        t = plan_af_train(e, world, af_config(e.params), af_train_config(e.params))
         return [(t, t.steps * t.measure.flops * world / 1e12 / 3600)]
 
 

@@ -183,36 +183,35 @@ class TARFlowFamily(Family):
     # ------------------------------------------------------------------------------------------ plan
     def plan(self, e: "Experiment", world: int, val_images: int) -> list:
         """Rows of train (unless a milestone run), sample, sweep (every scale), curve (every milestone) and the
-        classifier: (Choice, TFLOP-hours). Sampling costs the denoising pass plus one forward pass per image (two
-        under guidance: conditional and unconditional)."""
+        classifier: (Choice, TFLOP-hours). Sampling as the stages run it (flowback/plan/sample.py): each block
+        KV-decoded (twice the rows where guided), then the denoising gradient."""
         import dataclasses
 
         from ..plan.classifier import plan_classifier
-        from ..plan.sample import forward_flops, plan_sample
-        from ..plan.train import plan_train
+        from ..plan.sample import plan_sample, sampling_flops
+        from ..plan.train import plan_flow_train
 
         p = e.params
         rows = []
         if e.trains:  # a milestone run samples another run's model
-            t = plan_train(e, world)
-            rows.append((t, t.steps * t.measure.flops * t.accumulation * world / 1e12 / 3600))
-        s = plan_sample(e)
-        forward = forward_flops(e, 1)
+            t = plan_flow_train(e, world)  # its FLOPs: one rank's whole step
+            rows.append((t, t.steps * t.measure.flops * world / 1e12 / 3600))
+        s = plan_sample(e, world)
 
-        def per_image(weight: float) -> float:
-            return s.measure.flops / s.value + (2 if weight > 0 else 1) * forward
+        def tflop_hours(images: int, weight: float) -> float:
+            return images / s.value * sampling_flops(e, s.value, weight) / 1e12 / 3600
 
         g = p.sample.guidance
         weight = max(p.sweep.scales) if p.sweep.scales else (g.weight if g.method != "none" else 0.0)
-        rows.append((s, p.samples_per_run * per_image(weight) / 1e12 / 3600))
+        rows.append((s, tflop_hours(p.samples_per_run, weight)))
         if p.sweep.scales:  # every scale of the grid on the trained model: sampling only
             n = p.sweep.count or p.samples_per_run
             rows.append((dataclasses.replace(s, stage="sweep", note=f"{len(p.sweep.scales)} scales x {n}"),
-                         sum(n * per_image(w) for w in p.sweep.scales) / 1e12 / 3600))
+                         sum(tflop_hours(n, w) for w in p.sweep.scales)))
         if p.curve.enabled and e.trains and p.train.milestones:
             n, points = p.curve.count or p.samples_per_run, len(p.train.milestones) + 1
             rows.append((dataclasses.replace(s, stage="curve", note=f"{points} models x {n}"),
-                         points * n * per_image(weight) / 1e12 / 3600))
+                         points * tflop_hours(n, weight)))
         c = plan_classifier(e, val_images)
         rows.append((c, c.steps * c.measure.flops / 1e12 / 3600))
         return rows

@@ -3,19 +3,24 @@ stages' plans choose with."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
+import json
 import math
+import sys
+import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import FlowBackError
-from ..params import Params
+from ..params import Experiment
+from .budget import GIB
 
-GIB = 2**30
-HEADROOM = 0.95  # plan to this share of the GPU's memory: the rest covers allocator fragmentation and CUDA's context
 EFFICIENT_MICRO = 8  # below this many images per micro-batch, checkpointing (about 1.33x compute) beats tiny matmuls
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM, the reference for GPU-hour estimates
 
@@ -26,18 +31,22 @@ class PlanError(FlowBackError):
 
 # ---------------------------------------------------------------------------------------------------- measuring
 class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of tensor storages created while active and alive; `peak` is the maximum (plus `base`).
+    """Counts the bytes of live tensor storages: those of the `resident` objects (until they are freed, as the last
+    step's gradients are at zero_grad) and those created while active; `peak` is the maximum.
     Also sums the FLOPs of every op torch's flop counter has a formula for (matmuls, convolutions, attention),
-    without FlopCounterMode's module hooks, which do not support autograd.grad (denoising, the classifier)."""
+    without FlopCounterMode's module hooks, which do not support autograd.grad (denoising, the classifier).
+    Causal attention is counted as executed: half of torch's full-attention formula, since the flash kernels skip
+    the key blocks above the diagonal (the diagonal blocks they do compute, 1/16 more at 1024 tokens, are left out)."""
 
-    def __init__(self, base: int = 0):
+    def __init__(self, *resident):
         super().__init__()
-        self.live = self.peak = base
+        self.live = self.peak = 0
         self.flops = 0
         self._sizes: dict[int, int] = {}
+        for st in storages(*resident):
+            self._track(st)
 
-    def _track(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
+    def _track(self, st: torch.UntypedStorage) -> None:
         key = id(st)
         if key in self._sizes:
             return
@@ -57,54 +66,89 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **kwargs)
         count = flop_registry.get(func._overloadpacket)
         if count is not None:
-            self.flops += count(*args, **kwargs, out_val=out)
+            flops = count(*args, **kwargs, out_val=out)
+            self.flops += flops // 2 if _causal(func, args, kwargs) else flops
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self._track(t)
+                self._track(t.untyped_storage())
         return out
 
 
-def storage_bytes(*objects) -> int:
-    """Bytes of the distinct storages of all tensors in modules / optimizers / tensors / containers."""
-    seen, total = set(), 0
+def _causal(func, args, kwargs) -> bool:
+    """An attention kernel called with is_causal=True (found by name in the op's schema: every SDPA backend)."""
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == "is_causal":
+            return bool(kwargs["is_causal"] if "is_causal" in kwargs else args[i] if i < len(args) else a.default_value)
+    return False
 
-    def visit(x):
-        nonlocal total
+
+def storages(*objects) -> list[torch.UntypedStorage]:
+    """The distinct storages of all tensors in modules (parameters, their gradients, buffers) / optimizers (state) /
+    tensors / containers. Iterative: a recursive closure would be a reference cycle holding every storage it saw
+    until the next garbage collection (measurements run with the collector off)."""
+    seen: dict[int, torch.UntypedStorage] = {}
+    todo = list(objects)
+    while todo:
+        x = todo.pop()
         if isinstance(x, torch.Tensor):
             st = x.untyped_storage()
-            if id(st) not in seen:
-                seen.add(id(st))
-                total += st.nbytes()
+            seen.setdefault(id(st), st)
         elif isinstance(x, torch.nn.Module):
             for t in list(x.parameters()) + list(x.buffers()):
-                visit(t)
+                todo += [t, t.grad]  # gradients held from the previous step
         elif isinstance(x, torch.optim.Optimizer):
-            for s in x.state.values():
-                for v in s.values():
-                    visit(v)
+            todo += [v for state in x.state.values() for v in state.values()]
         elif isinstance(x, dict):
-            for v in x.values():
-                visit(v)
+            todo += list(x.values())
         elif isinstance(x, (list, tuple)):
-            for v in x:
-                visit(v)
+            todo += list(x)
+    return list(seen.values())
 
-    for o in objects:
-        visit(o)
-    return total
+
+def storage_bytes(*objects) -> int:
+    """Bytes of the distinct storages of all tensors in `objects` (see `storages`)."""
+    return sum(st.nbytes() for st in storages(*objects))
 
 
 @dataclass(frozen=True)
 class Measure:
-    peak: int  # bytes
-    flops: int  # of the measured call
+    """A stage's per-GPU memory: `peak` is measured, the rest are budget.py's allowances."""
+
+    peak: int  # bytes of tensors at the peak (the resident state included), measured under fake tensors
+    flops: int  # of the measured work (train: one whole optimizer step of this rank)
+    workspace: int = 0  # inside PyTorch's allocator but unseen by fake tensors: cuBLAS, attention scratch
+    outside: int = 0  # outside the allocator: the CUDA context, NCCL's buffers
+
+    @property
+    def allocated(self) -> int:
+        """What torch.cuda.max_memory_allocated() should show for the same work."""
+        return self.peak + self.workspace
+
+    @property
+    def total(self) -> int:
+        """Everything the GPU holds for this process: what must fit."""
+        return self.peak + self.workspace + self.outside
+
+
+@contextlib.contextmanager
+def counting(*resident) -> Iterator[LiveBytes]:
+    """Count the bytes and FLOPs of what runs inside, on top of the `resident` objects' tensors. Python's cycle
+    collector is off meanwhile: tensors in reference cycles count until the end, wherever a collection would have
+    freed them, so a measurement does not depend on the process's history (a few hundred KiB on a tiny model)."""
+    register_cpu_attention_flops()
+    gc.collect()
+    gc.disable()
+    try:
+        live = LiveBytes(*resident)
+        with live:
+            yield live
+    finally:
+        gc.enable()
 
 
 def measure(fn: Callable[[], None], *resident) -> Measure:
     """Peak live bytes (the `resident` objects' tensors included) and FLOPs of `fn()`, run under fake tensors."""
-    register_cpu_attention_flops()
-    live = LiveBytes(storage_bytes(*resident))
-    with live:
+    with counting(*resident) as live:
         fn()
     return Measure(live.peak, live.flops)
 
@@ -128,23 +172,54 @@ def _fake():
 
 
 _MEMO: dict = {}
+# never read by a measurement: runs that differ only here share one
+_NOT_MEASURED = ("experiments", "results", "seed", "runtime", "train.seed", "train.steps", "train.milestones",
+                 "train.log_every", "train.checkpoint_every", "train.warmup_steps", "train.lr", "train.min_lr")
 
 
-def _memo(fn):
-    """Cache a measurement per (run config object, arguments): a plan measures each case once."""
+def config_key(exp: Experiment, ignore: tuple[str, ...] = (), strategy: bool = True) -> str:
+    """The run's settings a measurement can read, as text: two runs with the same key measure the same bytes."""
+    d = exp.params.model_dump(mode="json")
+    for name in _NOT_MEASURED + ignore:
+        section, _, field = name.partition(".")
+        if field and isinstance(d.get(section), dict):
+            d[section].pop(field, None)
+        elif not field:
+            d.pop(section, None)
+    if strategy:
+        d["_run"] = [exp.family, exp.strategy, [list(p) for p in exp.positions]]
+    return json.dumps(d, sort_keys=True)
 
-    def wrapper(exp, *args):
-        key = (fn.__name__, id(exp), args)
-        if key not in _MEMO:
-            _MEMO[key] = (exp, fn(exp, *args))  # keeps `exp` alive, so its id stays unique
-        return _MEMO[key][1]
 
-    return wrapper
+def _memo(*ignore: str, strategy: bool = True):
+    """Measure each distinct configuration once (runs and seeds that differ only in what the measurement does not
+    read share it), with one progress line per measurement on stderr. `ignore`: params sections or
+    section.fields the measurement does not read; strategy=False: it does not depend on the run's alignment."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(exp, *args):
+            key = (fn.__name__, config_key(exp, ignore, strategy), args)
+            if key not in _MEMO:
+                t0 = time.perf_counter()
+                _MEMO[key] = fn(exp, *args)
+                m = _MEMO[key]
+                size = f"{m.total / GIB:.1f} GiB, " if isinstance(m, Measure) else ""
+                print(f"plan: {fn.__name__}{tuple(args)} of {exp.run}: {size}{time.perf_counter() - t0:.1f} s",
+                      file=sys.stderr, flush=True)
+            return _MEMO[key]
+
+        return wrapper
+
+    return deco
 
 
-def _budget(params: Params) -> int | None:
-    gib = params.runtime.gpu_memory_gib
-    return None if gib is None else int(gib * GIB * HEADROOM)
+def inference_model(exp: Experiment):
+    """The run's flow for inference (frozen), as sample and evaluate load it; usually built under fake tensors."""
+    from ..builders import flow_config
+    from ..models.tarflow import TARFlow
+
+    return TARFlow(flow_config(exp.params)).eval().requires_grad_(False)
 
 
 def _largest(candidates: list[int], fits: Callable[[int], bool]) -> int | None:

@@ -5,18 +5,21 @@ from __future__ import annotations
 import torch
 
 from ..params import Params
-from .measure import GIB, H100_BF16_TFLOPS, HEADROOM, Choice, Measure, PlanError, _fake, measure
+from .budget import CUBLAS_WORKSPACE, CUDA_CONTEXT, MARGIN, NCCL_BUFFERS, outside_allocator
+from .measure import GIB, H100_BF16_TFLOPS, Choice, Measure, PlanError, _fake, measure
+from .prefetch import prefetch
 
 
 def encode_pass(params: Params, batch: int) -> Measure:
-    """One VAE encode batch of the latent profiles (image and flip: 2 x batch views)."""
+    """One VAE encode batch of the latent profiles (image and flip: 2 x batch views), in one process."""
     from ..models.vae import LatentCodec, vae_from_config
 
     lp, d = params.model.latent, params.data
     with _fake():
         codec = LatentCodec(vae_from_config(lp.vae_dir), lp.scale, batch)
         x = torch.randn(2 * batch, 3, d.image_size, d.image_size)
-        return measure(lambda: codec.encode_with_std(x), codec, x)
+        m = measure(lambda: codec.encode_with_std(x), codec, x)
+    return Measure(m.peak, m.flops, CUBLAS_WORKSPACE, outside_allocator(1))
 
 
 def world_size(launcher: str) -> int:
@@ -36,7 +39,7 @@ def _val_images(params: Params) -> int:
 
 
 def plan_rows(params: Params, world: int) -> list[tuple[Choice, float]]:
-    """(choice, GPU-hours at MFU 1) for every run's stages (its family's plan), and the encode step if latent."""
+    """(choice, TFLOP-hours at MFU 1) for every run's stages (its family's plan), and the encode step if latent."""
     from ..families import family
 
     rows = []
@@ -62,11 +65,14 @@ def print_plan(path: str, gpu_mem: float | None = None, world: int | None = None
     world = world or world_size(params.runtime.launcher)
     budget = params.runtime.gpu_memory_gib
     out(f"{path}: memory plan for {world} GPU(s) per run with {budget:g} GiB each (peaks kept under "
-        f"{HEADROOM:.0%}: {budget * HEADROOM:.1f} GiB), measured on the real code under fake tensors; GPU-hours at "
+        f"{MARGIN:.0%}: {budget * MARGIN:.1f} GiB), measured on the real code under fake tensors; GPU-hours at "
         f"MFU {mfu:.0%} of {peak_tflops:g} TFLOP/s")
+    out(f"peaks: every tensor measured, plus cuBLAS and attention workspaces, the CUDA context "
+        f"({CUDA_CONTEXT / GIB:g} GiB) and, on 2+ GPUs, NCCL's buffers ({NCCL_BUFFERS / GIB:g} GiB); docs/scale.md")
     out("")
     out("| run | stage | peak / GPU (GiB) | TFLOP per step | choice | GPU-hours |")
     out("|---|---|---|---|---|---|")
+    prefetch(params, world, _val_images(params))  # the distinct configurations, measured on every core at once
     rows = plan_rows(params, world)
     total = 0.0
     for c, tflop_hours in rows:
@@ -75,16 +81,16 @@ def print_plan(path: str, gpu_mem: float | None = None, world: int | None = None
         if c.stage == "train":
             what = (f"micro-batch {c.value} x {c.accumulation} accumulation"
                     f"{', checkpointing' if c.checkpointing else ''}")
-            per_step = c.measure.flops * c.accumulation * world / 1e12
+            per_step = c.measure.flops * world / 1e12
         elif c.stage == "encode":
             what, per_step = f"VAE batch {c.value} (x2: image and flip)", c.measure.flops / 1e12
         else:
             what, per_step = f"batch {c.value}" + (f", {c.note}" if c.note else ""), c.measure.flops / 1e12
         sampling = c.stage in ("sample", "sweep", "curve")
         note = " (a lower bound: KV-cached decoding runs far below training MFU)" if sampling else ""
-        out(f"| {c.run} | {c.stage} | {c.measure.peak / GIB:.1f} | {per_step:.1f} | {what} | {hours:,.1f}{note} |")
+        out(f"| {c.run} | {c.stage} | {c.measure.total / GIB:.1f} | {per_step:.1f} | {what} | {hours:,.1f}{note} |")
     out("")
     out(f"grid total: {total:,.0f} GPU-hours at MFU {mfu:.0%}")
-    peak = max(c.measure.peak for c, _ in rows) / GIB
+    peak = max(c.measure.total for c, _ in rows) / GIB
     out(f"max peak: {peak:.1f} GiB of {budget:g} GiB")
     return 0
