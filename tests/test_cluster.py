@@ -14,8 +14,8 @@ RESOURCES = ROOT / "profiles" / "slurm" / "resources.yaml"
 
 # Rules that run on GPUs, and those the Snakefile starts with the params' `launcher` (torchrun: one process per GPU,
 # several GPUs on one node).
-GPU_RULES = {"encoder", "metricnet", "decoder", "train", "sample", "evaluate", "reference"}
-LAUNCHED_RULES = {"train", "sample"}
+GPU_RULES = {"encoder", "metricnet", "decoder", "train", "sample", "sweep", "curve", "evaluate", "reference", "calibrate"}
+LAUNCHED_RULES = {"train", "sample", "sweep", "curve"}
 CPU_RULES = {"prepare", "table"}
 # GPU-related resource names the SLURM executor plugin reads (its README, "GPU Jobs"): anything else with "gpu" in
 # its name (e.g. "gpus", "num_gpus") would be silently ignored and the job would get no GPU.
@@ -92,8 +92,8 @@ def test_launched_rules_get_one_gpu_per_torchrun_process(profile):
         pipe = Pipeline.load(str(path))
         launcher = pipe.params.runtime.launcher
         for rule in LAUNCHED_RULES:  # the Snakefile (and dvc.yaml) start these with the params' launcher
-            run = pipe.params.runs()[0]
-            assert pipe.cmd(pipe.instance(rule, run)).startswith(launcher + " -m flowback stage "), (path.name, rule)
+            for inst in (i for i in pipe.instances if i.stage == rule):
+                assert pipe.cmd(inst).startswith(launcher + " -m flowback stage "), (path.name, inst.name)
         launchers[path.name] = launcher
     nprocs = {name: int(m.group(1)) for name, launcher in launchers.items()
               if (m := re.search(r"--nproc[_-]per[_-]node[ =](\d+)", launcher))}

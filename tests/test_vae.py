@@ -145,6 +145,7 @@ def latent_params(tmp_path, vae_dir):
                         latent={"vae_dir": str(vae_dir)})
     raw["runtime"].update(threads=1, device="cpu")
     raw["sample"].update(per_class=1, batch_size=8)
+    raw["sweep"]["scales"] = []  # sampled at sample.guidance's weight: no sweep to run first
     raw["experiments"] = {"latent": {"strategy": "none"}}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -675,8 +675,6 @@ class Params(Strict):
                        ("curve.count", self.curve.count or self.samples_per_run)):
             if split is not None and n % split:
                 raise ValueError(f"metrics.isc_split_size {split} does not divide the {n} samples of {key}")
-            if n < self.metrics.isc_splits:
-                raise ValueError(f"{key}: {n} samples cannot make metrics.isc_splits {self.metrics.isc_splits} splits")
         if self.sweep.scales and self.sample.guidance.method == "none":
             raise ValueError("sweep.scales needs sample.guidance.method (tarflow or starflow): it sets its weight")
         return self
