@@ -88,7 +88,8 @@ def print_plan(path: str, gpu_mem: float | None = None, world: int | None = None
             what, per_step = f"batch {c.value}" + (f", {c.note}" if c.note else ""), c.measure.flops / 1e12
         sampling = c.stage in ("sample", "sweep", "curve")
         note = " (a lower bound: KV-cached decoding runs far below training MFU)" if sampling else ""
-        out(f"| {c.run} | {c.stage} | {c.measure.total / GIB:.1f} | {per_step:.1f} | {what} | {hours:,.1f}{note} |")
+        shown = f"{hours:,.1f}" if hours >= 0.1 or hours == 0 else f"{hours:.2g}"  # sampling: minutes, not zero
+        out(f"| {c.run} | {c.stage} | {c.measure.total / GIB:.1f} | {per_step:.1f} | {what} | {shown}{note} |")
     out("")
     out(f"grid total: {total:,.0f} GPU-hours at MFU {mfu:.0%}")
     peak = max(c.measure.total for c, _ in rows) / GIB
