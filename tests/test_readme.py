@@ -1,5 +1,6 @@
 """The README's set-up commands are the ones CI runs and the ones that exist."""
 
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,9 +21,9 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_mentions_every_stage_and_the_benchmarks_page_every_bench():
     text = (ROOT / "README.md").read_text()
-    for stage in (ROOT / "stages").glob("*.py"):
+    for stage in (ROOT / "flowback" / "stages").glob("*.py"):
         if stage.stem != "__init__":
-            assert f"stages.{stage.stem}" in text, stage.stem
+            assert f"| {stage.stem} |" in text, stage.stem  # a row of the README's stage table
     benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
     assert "docs/benchmarks.md" in text
     for bench in (ROOT / "bench").glob("*.py"):
@@ -49,3 +50,27 @@ def test_the_readme_results_table_is_the_committed_one():
         rows.append(line)
     table = (ROOT / "results" / "tables" / "ablation.md").read_text().splitlines()
     assert len(rows) > 3 and [row for row in rows if row not in table] == []
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start:end if end > 0 else None]
+
+
+COMPARATIVE = re.compile(r"\b(lower|higher|better|worse|beats?|below|above|outperforms?|wins?)\b", re.IGNORECASE)
+
+
+def test_what_it_shows_states_only_comparisons_the_committed_results_support():
+    """The README's claims about the default run are the table's generated comparison lines (Welch's test over the
+    committed seeds), verbatim; no other sentence there compares two experiments."""
+    table = (ROOT / "results" / "tables" / "ablation.md").read_text()
+    generated = [line for line in section(table, "## Compared with the baseline").splitlines() if line.startswith("- ")]
+    shows = section((ROOT / "README.md").read_text(), "## What the default run shows")
+    quoted = [line for line in shows.splitlines() if line.startswith("- ") and " vs " in line and "seeds)" in line]
+    assert generated and quoted == generated
+    names = re.findall(r"^\| (\w+)\s+\|", table, re.MULTILINE)
+    prose = " ".join(line for line in shows.splitlines() if line not in quoted and not line.startswith("|"))
+    for sentence in re.split(r"(?<=[.;:])\s+", prose):
+        mentioned = [n for n in names if re.search(rf"\b{re.escape(n)}\b", sentence)]
+        assert not (COMPARATIVE.search(sentence) and len(mentioned) >= 1), sentence
