@@ -148,7 +148,8 @@ def test_bf16_autocast_trains_and_differs_from_float32(tmp_path):
 def _tiny_params(d: Path, steps: int, **train) -> Path:
     return tiny_params(d, model={"blocks": 2}, train={"steps": steps, "checkpoint_every": 4, **train},
                        experiments={"baseline": {"strategy": "none"}, "rrepa": {"strategy": "reverse", "position": "2"}},
-                       sample={"per_class": 6, "batch_size": 10})  # 60 images in 6 chunks
+                       sample={"per_class": 6, "batch_size": 10},  # 60 images in 6 chunks
+                       sweep={"scales": []})  # sampling at the fixed weight, without a sweep stage first
 
 
 def _run(*args):

@@ -74,7 +74,7 @@ def test_outputs_honour_the_umask(tmp_path, umask, mode):
 
 def tiny(tmp: Path, steps: int, **sample) -> Path:
     return tiny_params(tmp, train={"steps": steps, "checkpoint_every": 5}, sample=sample or {},
-                       experiments={"baseline": {"strategy": "none"}})
+                       sweep={"scales": []}, experiments={"baseline": {"strategy": "none"}})
 
 
 def run_stage(*args):
@@ -551,7 +551,7 @@ def test_a_stage_run_from_another_directory_than_the_checkout_is_one_line(tmp_pa
 def test_the_snakefile_run_from_another_directory_is_one_line(tmp_path):
     import shutil
 
-    exe = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
+    exe = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
     r = subprocess.run([exe, "-s", str(ROOT / "Snakefile"), "-n", "ablation_table"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
     out = r.stdout + r.stderr

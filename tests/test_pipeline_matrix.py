@@ -26,21 +26,23 @@ def runs(*stages, of=(B, R)):
     return {f"{s}_{r}" for s in stages for r in of}
 
 
-RUN_STAGES = ("train", "sample", "evaluate", "probe")
-ALL = GLOBAL | runs(*RUN_STAGES) | {"table"}
+RUN_STAGES = ("train", "sweep", "sample", "evaluate", "probe")
+ALL = GLOBAL | {"calibrate"} | runs(*RUN_STAGES) | {"table"}
 TRAIN_DOWN = runs(*RUN_STAGES) | {"table"}
 REVERSE_DOWN = runs(*RUN_STAGES, of=(R,)) | {"table"}
+DRAW_DOWN = runs("sweep", "sample", "evaluate") | {"table"}  # the sweep's choice of scale feeds the samples
+SCORED = {"reference", "calibrate"} | DRAW_DOWN  # every stage that computes a metric, and what follows
 
 PARAMS = [  # (key path, new value, expected)
     ("seed", 3, ALL),  # the digits' train/val split
     ("data.val_fraction", 0.25, ALL),
     ("encoder.train.steps", 6, {"encoder"} | REVERSE_DOWN),
-    ("metrics.isc_splits", 2, {"reference"} | runs("evaluate") | {"table"}),
+    ("metrics.isc_splits", 2, SCORED),
     ("metrics.classifier_split", "train", runs("evaluate") | {"table"}),
     ("model.width", 24, TRAIN_DOWN),
     ("train.steps", 4, TRAIN_DOWN),
     ("align.weight", 0.25, REVERSE_DOWN),  # the baseline does not align: it must not retrain
-    ("sample.per_class", 2, runs("sample", "evaluate") | {"table"}),
+    ("sample.per_class", 2, DRAW_DOWN),  # the sweep reads the sample section whole: how its samples are drawn
     ("metrics.probe.C", 0.5, runs("probe") | {"table"}),
     ("experiments.reverse_78.position", "7&8 layer 1", REVERSE_DOWN),
     ("runtime.tf32", False, ALL - {"prepare"}),  # every stage that computes with torch
@@ -48,13 +50,13 @@ PARAMS = [  # (key path, new value, expected)
 MODULES = [  # (file, expected)
     ("flowback/tables.py", {"table"}),
     ("flowback/paper.py", {"table"}),  # params only validates rows against it
-    ("flowback/metrics/frechet.py", {"reference"} | runs("evaluate") | {"table"}),
+    ("flowback/metrics/frechet.py", SCORED),
     ("flowback/data/digits.py", ALL),
-    ("flowback/models/sampling.py", runs("sample", "evaluate") | {"table"}),
+    ("flowback/models/sampling.py", DRAW_DOWN),
     ("flowback/training.py", TRAIN_DOWN),
     ("flowback/metrics/probe.py", runs("probe") | {"table"}),
     ("flowback/alignment/loss.py", TRAIN_DOWN),
-    ("flowback/models/guidance.py", runs("sample", "evaluate") | {"table"}),  # the sampler's: training never reads it
+    ("flowback/models/guidance.py", DRAW_DOWN),  # the sampler's: training never reads it
     ("flowback/families/af.py", set()),  # no adversarial flow in this grid: no flow stage depends on its code
     ("flowback/models/af.py", set()),
     ("flowback/pipeline.py", set()),  # plumbing: what it decides shows in dvc.yaml itself

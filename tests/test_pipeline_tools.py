@@ -18,7 +18,8 @@ import yaml
 from conftest import ROOT, tiny_raw, write_params
 
 RUNS = {"baseline-s0", "reverse_78-s0"}
-CURVES = ("bpd", "loss", "align", "lr", "grad_norm", "val_bpd")
+CURVES = ("bpd", "loss", "align", "lr", "grad_norm", "val_bpd")  # DVCLive's training curves
+SWEEP = 1  # and the guidance sweep's FID by scale
 BIN = Path(sys.executable).parent
 
 
@@ -74,11 +75,12 @@ def check_plots(out: Path) -> None:
 
     html = (out / "index.html").read_text()
     specs = vega_specs(html)
-    assert "var spec = {};" not in html and len(specs) == len(CURVES)
+    assert "var spec = {};" not in html and len(specs) == len(CURVES) + SWEEP
     for spec in specs:
         rows = spec["data"]["values"]
         assert rows, spec["title"]
-        assert {r["filename"].split("/dvclive/")[0].rpartition("/")[2] for r in rows} == RUNS, spec["title"]
+        # DVC shortens each file name to what the files do not share: `<run>/dvclive/...`, `<run>/sweep.csv`
+        assert {re.search(r"(\w+-s\d+)/", r["filename"]).group(1) for r in rows} == RUNS, spec["title"]
         svg = vl_convert.vegalite_to_svg(spec, vl_version="5.21")
         lines = re.findall(r'aria-roledescription="line mark" d="([^"]+)" stroke="([^"]+)"', svg)
         assert len(lines) == len(RUNS) and len({colour for _, colour in lines}) == len(RUNS), spec["title"]
@@ -103,14 +105,19 @@ def test_flowback_plots_renders_without_a_network(project, tmp_path):
 
 
 @pytest.mark.slow
-def test_experiments_show_the_training_metrics(project):
+def test_experiments_show_the_experiments_summaries_and_nothing_per_run(project):
+    """The DVC metrics are results: each experiment's summary row (and the calibration); per-run records (train.json,
+    DVCLive's metrics.json) are plain outputs, so `dvc exp show` stays one readable table."""
     shown = json.loads(_run(project, "dvc", "exp", "show", "--json").strip().splitlines()[-1])
     metrics = shown[0]["data"]["metrics"]
-    for run in RUNS:
-        live = metrics[f"results/runs/{run}/dvclive/metrics.json"]["data"]
-        train = metrics[f"results/runs/{run}/train.json"]["data"]
-        assert set(CURVES) <= set(live) and live["step"] == 3
-        assert train["final_val_bpd"] == live["val_bpd"]
+    for exp in ("baseline", "reverse_78"):
+        summary = metrics[f"results/tables/summary/{exp}.json"]["data"]
+        written = json.loads((project / "results" / "tables" / "summary" / f"{exp}.json").read_text())
+        assert summary == {k: v for k, v in written.items() if v is not None}  # DVC leaves nulls out
+        assert summary["fid"] > 0
+    assert not [name for name in metrics if "/runs/" in name]
+    live = json.loads((project / "results" / "runs" / "baseline-s0" / "dvclive" / "metrics.json").read_text())
+    assert set(CURVES) <= set(live) and live["step"] == 3
 
 
 @pytest.mark.slow
@@ -127,8 +134,9 @@ def test_a_run_metrics_file_plans_that_run_s_chain(project):
     out = _snakemake(project, "-n", "--forceall", "results/runs/baseline-s0/metrics.json")
     stats = out[out.index("Job stats"):]
     planned = set(re.findall(r"^(\w+)\s+1$", stats, re.M))
-    assert planned == {"prepare", "metricnet", "reference", "train_baseline_s0", "sample_baseline_s0",
-                       "evaluate_baseline_s0"}  # no encoder (the baseline aligns nothing), no other run, no table
+    assert planned == {"prepare", "metricnet", "reference", "train_baseline_s0", "sweep_baseline_s0",
+                       "sample_baseline_s0", "evaluate_baseline_s0"}  # no encoder (the baseline aligns nothing),
+    # no other run, no calibration, no table
 
 
 @pytest.mark.slow
@@ -156,8 +164,9 @@ def test_the_report_holds_the_tables_and_figures_with_their_captions(project, tm
 @pytest.mark.slow
 def test_dag_boxes_are_labelled_with_rule_names(project):
     labels = re.findall(r'label = "([^"]*)"', _snakemake(project, "ablation_table", "--dag"))
-    rules = {f"{s}_{r.replace('-', '_')}" for s in ("train", "sample", "evaluate", "probe") for r in RUNS}
-    assert set(labels) == rules | {"prepare", "encoder", "metricnet", "reference", "table", "ablation_table"}
+    rules = {f"{s}_{r.replace('-', '_')}" for s in ("train", "sweep", "sample", "evaluate", "probe") for r in RUNS}
+    assert set(labels) == rules | {"prepare", "encoder", "metricnet", "reference", "calibrate", "table",
+                                   "ablation_table"}
 
 
 @pytest.mark.slow

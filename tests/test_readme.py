@@ -14,7 +14,7 @@ def commands():
 
 def test_ci_runs_the_readme_test_command():
     main_cmd, test_cmd = commands()
-    assert "dvc repro" in main_cmd and "pytest" in test_cmd
+    assert ("snakemake" in main_cmd or "dvc repro" in main_cmd) and "pytest" in test_cmd
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_cmd in ci
 
