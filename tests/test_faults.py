@@ -79,8 +79,10 @@ def tiny(tmp: Path, steps: int, **sample) -> Path:
 
 def run_stage(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Ctrl-C as from a terminal: a pytest started in the background (`cmd &`) ignores SIGINT, and a child that starts
+    # with SIGINT ignored never raises KeyboardInterrupt
     return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.slow
