@@ -25,6 +25,39 @@ from .errors import FlowBackError, Interrupted, ParamsError
 from .params import Experiment, Params, check_working_directory, load_params, restrict
 
 
+# where a Ctrl-C must wait: torch's zip writer, interrupted mid-record, raises a RuntimeError from its cleanup that
+# hides the KeyboardInterrupt (a traceback instead of the resume line), and flowback's atomic writers
+_WRITERS = (f"{os.sep}torch{os.sep}serialization.py", f"{os.sep}flowback{os.sep}io.py")
+
+
+@contextlib.contextmanager
+def ctrl_c_between_writes() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt as usual, except inside a file write: there it is delivered again 50 ms later,
+    until it lands between writes. A SIGINT that is ignored (a job started in the background) stays ignored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        f = frame
+        while f is not None:
+            if f.f_code.co_filename.endswith(_WRITERS):
+                threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+                return
+            f = f.f_back
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class LockedError(FlowBackError):
     """Another process is running the same stage on the same outputs."""
 
@@ -110,7 +143,7 @@ def main(name: str, run: str | None, params_file: str = "params.yaml", progress:
         rank = env()[0]
         lock = run_lock(lock_path(params, cfg, name), f"{name} {run or ''}".strip()) if rank == 0 \
             else contextlib.nullcontext()
-        with lock:
+        with lock, ctrl_c_between_writes():
             summary = st.run(restricted(cfg, st.reads(cfg), name), progress)
         if rank == 0:
             pipeline.write_stamp(pipeline.instance(name, run))

@@ -356,6 +356,34 @@ def test_sigint_of_a_training_process_prints_one_line_and_the_rerun_resumes_ther
     assert fio.load_json(state.parent.parent / "train_timing.json")["resumed_from"] == saved
 
 
+def test_ctrl_c_inside_a_state_write_is_delivered_after_it(tmp_path, monkeypatch):
+    """A Ctrl-C that lands inside torch.save would leave torch's zip writer raising a RuntimeError (a traceback, not
+    the resume line): the runner delivers it once the write is done, and the file is whole."""
+    from flowback.runner import ctrl_c_between_writes
+
+    real, seen = torch.save, []
+
+    def save(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while torch writes
+        seen.append("signalled")
+        real(obj, f)
+        seen.append("written")
+
+    monkeypatch.setattr(torch, "save", save)
+    path = tmp_path / "state.pt"
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with ctrl_c_between_writes():
+                fio.save_torch(path, {"w": torch.ones(1000)})
+                seen.append("returned")
+                time.sleep(2)  # the re-delivered Ctrl-C lands here
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert seen == ["signalled", "written", "returned"]
+    assert torch.load(path, weights_only=True)["w"].sum() == 1000
+
+
 class _FullDisk(io.FileIO):
     """A file on a disk with `room` bytes left: the write that does not fit writes what fits, the next one fails with
     ENOSPC, as a real full disk does (torch's zip writer then raises a RuntimeError of inline_container.cc)."""
